@@ -1,0 +1,108 @@
+"""The typer app, the small app object passed to commands, and shared options."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ..errors import MarinerError
+
+app = typer.Typer(
+    name="mariner",
+    help="A disposable NixOS microVM per project, driven like `docker exec`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+ProjectOpt = Annotated[Optional[Path], typer.Option(
+    "-C", "--project", help="Project directory (default: the one whose mariner.toml is in "
+    "the current directory or a parent).", file_okay=False, show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+
+@dataclass
+class AppContext:
+    """What every command needs: output mode, verbosity and the project lookup."""
+
+    verbose: int = 0
+    json: bool = False
+    project: Path | None = None
+    _stderr: Any = field(default=None, repr=False)
+
+    @property
+    def err(self):
+        """A rich console on stderr, for progress and messages meant for people."""
+        if self._stderr is None:
+            from rich.console import Console
+
+            self._stderr = Console(stderr=True, highlight=False)
+        return self._stderr
+
+    def load(self):
+        """The project's resolved config."""
+        from ..config import load_project
+
+        return load_project(project_dir=self.project) if self.project else load_project()
+
+    def emit_json(self, data: dict) -> None:
+        sys.stdout.write(json.dumps(data, sort_keys=False) + "\n")
+        sys.stdout.flush()
+
+    def info(self, message: str) -> None:
+        if not self.json:
+            self.err.print(message)
+
+
+STATE = AppContext()
+
+
+def context(project: Path | None = None, json_output: bool = False) -> AppContext:
+    """The app object for this invocation, with the command's own options applied."""
+    if project is not None:
+        STATE.project = project
+    STATE.json = json_output
+    return STATE
+
+
+def print_error(exc: MarinerError) -> None:
+    message = str(exc)
+    lines = message.splitlines() or [""]
+    if len(lines) == 1:
+        sys.stderr.write(f"mariner: error: {lines[0]}\n")
+    else:
+        sys.stderr.write("mariner: error:\n" + "".join(f"  {line}\n" for line in lines))
+    if exc.hint:
+        sys.stderr.write(f"  hint: {exc.hint}\n")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        print(f"mariner {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def root(
+    verbose: Annotated[int, typer.Option("-v", "--verbose", count=True,
+                                         help="Show host commands and more detail.")] = 0,
+    project: ProjectOpt = None,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Show the version and exit.")] = False,
+) -> None:
+    STATE.verbose = verbose
+    STATE.project = project
+    if verbose:
+        logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO,
+                            format="mariner: %(message)s", stream=sys.stderr)
+        logging.getLogger("mariner").setLevel(logging.DEBUG)

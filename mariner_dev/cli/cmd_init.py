@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .app import app, context
+
+
+@app.command("init")
+def init(
+    directory: Annotated[Optional[Path], typer.Argument(help="Project directory (default: here).")] = None,
+    template: Annotated[Optional[str], typer.Option("--template", "-t",
+                        help="Start from an example: minimal, webapp, docker.")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing mariner.toml.")] = False,
+) -> None:
+    """Write a commented mariner.toml for this project."""
+    from ..project import init_project
+
+    ctx = context()
+    result = init_project(directory or ctx.project or Path.cwd(), template, force)
+    ctx.err.print(f"Wrote {result.path}")
+    ctx.err.print("Next: edit it, then `mariner validate` and `mariner up`.")

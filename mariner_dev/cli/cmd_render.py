@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .app import ProjectOpt, app, context
+
+
+@app.command("render")
+def render(
+    project: ProjectOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the flake here "
+                   "(default: MARINER_HOME/vms/<name>/flake).", file_okay=False)] = None,
+) -> None:
+    """Write the VM flake for this project and print its directory."""
+    from ..project import render_project
+
+    ctx = context(project)
+    result = render_project(ctx.load(), out)
+    print(result.directory)

@@ -1,0 +1,525 @@
+"""Reading mariner.toml (and the per-user config) into a validated, resolved ProjectConfig.
+
+The fast path parses with the standard library's tomllib; only when a file is invalid does
+tomlkit re-read it, for its precise syntax-error positions. Every problem of every file is
+collected and reported at once, each naming file:line:col, the key path and what is expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pwd
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from . import model as m
+from .errors import ConfigError, ConfigProblem
+from .schema import describe, load_schema, validate
+from .tomlpos import Positions
+
+CONFIG_NAME = "mariner.toml"
+MARINER_REV = "a34eea014f697d640cf1fc51df94db8ae164028d"
+DEFAULT_MARINER_FLAKE = f"github:mksafavi/nix-mariner/{MARINER_REV}"
+
+# Keys a per-user config may set: personal settings that do not belong in a committed file.
+USER_KEYS = {"dotfiles": None, "ssh": None, "vm": {"uid", "gid"}}
+
+DEFAULT_CPUS = 2
+DEFAULT_MEMORY_MIB = 2048
+MIN_MEMORY_MIB = 256
+DEFAULT_PERSIST_MIB = 8192
+DEFAULT_NIX_STORE_MIB = 32768
+DEFAULT_DOCKER_MIB = 32768
+RESERVED_TAGS = {"ro-store", "workspace"}
+MAX_TAG = 36          # virtiofs tags are at most 36 bytes
+MAX_IFNAME = 15       # Linux interface names
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+USER_MODE_IFACE = "mariner-user"
+
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTkmgt])?(i)?([Bb])?\s*$")
+_UNIT = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
+
+
+def parse_size_mib(value: int | str) -> int | None:
+    """MiB from 8192, "8GiB", "8G", "512MiB", "1.5GiB"; None when it is not a size.
+
+    Units are binary (G = GiB), as memory sizes are meant; a bare number means MiB.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    match = _SIZE_RE.match(value)
+    if not match:
+        return None
+    number, unit = float(match.group(1)), (match.group(2) or "m").lower()
+    mib = number * _UNIT[unit]
+    if mib != int(mib):
+        return None
+    return int(mib)
+
+
+def safe_vm_name(raw: str) -> str:
+    """A name fit for a systemd unit and a hostname: [a-z0-9-], at most 63, stable."""
+    name = re.sub(r"[^a-z0-9]+", "-", raw.lower()).strip("-")
+    if len(name) > 63:
+        digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
+        name = name[:54].rstrip("-") + "-" + digest
+    return name
+
+
+def find_config(start: Path) -> Path:
+    """The mariner.toml in `start` or its nearest parent."""
+    start = Path(start).absolute()
+    for directory in (start, *start.parents):
+        candidate = directory / CONFIG_NAME
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"no {CONFIG_NAME} in {start} or any parent directory; "
+        f"run `mariner init` to create one, or pass -C DIR")
+
+
+def default_uid() -> int:
+    """The host user's uid, or 1000 when that is root or a system account."""
+    uid = os.getuid()
+    return uid if uid >= 1000 else 1000
+
+
+@dataclass
+class _Source:
+    """One parsed file and its positions, for locating problems."""
+
+    file: Path
+    text: str
+    data: dict
+    _positions: Positions | None = None
+
+    @property
+    def positions(self) -> Positions:
+        if self._positions is None:
+            self._positions = Positions(self.text)
+        return self._positions
+
+
+@dataclass
+class _Problems:
+    items: list[ConfigProblem] = field(default_factory=list)
+
+    def add(self, source: _Source, path: tuple, message: str, about_key: bool = False) -> None:
+        line, col = (source.positions.of_key(path) if about_key
+                     else source.positions.of_value(path))
+        self.items.append(ConfigProblem(str(source.file), line, col, _dotted(path), message))
+
+
+def _dotted(path: tuple) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _read(file: Path, problems: _Problems) -> _Source | None:
+    try:
+        raw = file.read_bytes()
+    except OSError as exc:
+        problems.items.append(ConfigProblem(str(file), None, None, "", f"cannot read: {exc.strerror}"))
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        problems.items.append(ConfigProblem(str(file), None, None, "",
+                                            f"not UTF-8 text (byte {exc.start})"))
+        return None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        problems.items.append(_syntax_problem(file, text, exc))
+        return None
+    return _Source(file, text, data)
+
+
+def _syntax_problem(file: Path, text: str, exc: Exception) -> ConfigProblem:
+    """A TOML syntax error with tomlkit's line and column (1-based) and message."""
+    import tomlkit
+    from tomlkit.exceptions import ParseError
+
+    try:
+        tomlkit.parse(text)
+    except ParseError as err:
+        message = str(err)
+        message = re.sub(r"\s+at line \d+ col \d+$", "", message)
+        return ConfigProblem(str(file), err.line, err.col + 1, "", f"invalid TOML: {message}")
+    except Exception:  # noqa: BLE001 - fall back to tomllib's own position below
+        pass
+    match = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
+    line, col = (int(match.group(1)), int(match.group(2))) if match else (None, None)
+    message = re.sub(r"\s*\(at line.*\)$", "", str(exc))
+    return ConfigProblem(str(file), line, col, "", f"invalid TOML: {message}")
+
+
+def _check_user_keys(source: _Source, problems: _Problems) -> None:
+    for table, value in source.data.items():
+        if table not in USER_KEYS:
+            problems.add(source, (table,), f"`{table}` belongs in the project's {CONFIG_NAME}; "
+                         f"the per-user config may hold only [dotfiles], [ssh] and [vm] uid/gid",
+                         True)
+            continue
+        allowed = USER_KEYS[table]
+        if allowed is not None and isinstance(value, dict):
+            for key in value:
+                if key not in allowed:
+                    problems.add(source, (table, key),
+                                 f"`{table}.{key}` belongs in the project's {CONFIG_NAME}; the "
+                                 f"per-user config may set only vm.uid and vm.gid", True)
+
+
+def load_project(start: Path | None = None, *, project_dir: Path | None = None,
+                 config_file: Path | None = None) -> m.ProjectConfig:
+    """Find, read and validate a project's config (plus the per-user one) into a ProjectConfig.
+
+    `project_dir` (-C) names the directory holding mariner.toml; otherwise it is looked up from
+    `start` (default: the current directory) upwards.
+    """
+    from . import paths
+
+    if config_file is None:
+        if project_dir is not None:
+            config_file = Path(project_dir).absolute() / CONFIG_NAME
+            if not config_file.is_file():
+                raise ConfigError(f"no {CONFIG_NAME} in {Path(project_dir).absolute()}; "
+                                  f"run `mariner init` there to create one")
+        else:
+            config_file = find_config(start or Path.cwd())
+    config_file = Path(config_file).absolute()
+    problems = _Problems()
+    project = _read(config_file, problems)
+    user_file = paths.user_config_file()
+    user = _read(user_file, problems) if user_file.is_file() else None
+    schema = load_schema()
+    poisoned: set[tuple] = set()
+
+    def report(source: _Source, path: tuple, message: str, about_key: bool) -> None:
+        problems.add(source, path, message, about_key)
+        # The resolver treats a value the schema rejected as absent, so that it can still
+        # report the file's other problems in the same run.
+        cut = next((i for i, part in enumerate(path) if isinstance(part, int)), len(path))
+        poisoned.add((source.file, path[:cut]))
+
+    for source in (project, user):
+        if source is not None:
+            validate(source.data, schema, (),
+                     lambda path, msg, about_key, s=source: report(s, path, msg, about_key))
+    if user is not None:
+        _check_user_keys(user, problems)
+    if project is None:
+        raise ConfigError(problems.items)
+    cfg = _Resolver(project, user, problems, poisoned).resolve()
+    if problems.items:
+        raise ConfigError(sorted(problems.items, key=_problem_order))
+    return cfg
+
+
+def _problem_order(problem: ConfigProblem) -> tuple:
+    return (problem.file, problem.line or 0, problem.column or 0)
+
+
+class _Resolver:
+    """Applies defaults, resolves paths and checks what the schema cannot express."""
+
+    def __init__(self, project: _Source, user: _Source | None, problems: _Problems,
+                 poisoned: set[tuple] = frozenset()):
+        self.poisoned = poisoned
+        self.project = project
+        self.user = user
+        self.problems = problems
+        self.project_dir = project.file.parent
+        self.home = Path.home()
+
+    # -- looking values up, remembering which file they came from --------------------------
+    def get(self, *path: str, default: Any = None) -> Any:
+        for source in (self.project, self.user):
+            if source is None:
+                continue
+            if any((source.file, path[:i]) in self.poisoned for i in range(1, len(path) + 1)):
+                return default
+            node: Any = source.data
+            for part in path:
+                if not isinstance(node, dict) or part not in node:
+                    break
+                node = node[part]
+            else:
+                return node
+        return default
+
+    def source_of(self, *path: Any) -> _Source:
+        top = [p for p in path if isinstance(p, str)][:2]
+        node: Any = self.project.data
+        for part in top:
+            if not isinstance(node, dict) or part not in node:
+                return self.user if self.user is not None and self._has(self.user, top) else self.project
+            node = node[part]
+        return self.project
+
+    @staticmethod
+    def _has(source: _Source, path: list[str]) -> bool:
+        node: Any = source.data
+        for part in path:
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    def error(self, path: tuple, message: str, about_key: bool = False) -> None:
+        self.problems.add(self.source_of(*path), path, message, about_key)
+
+    def path_value(self, raw: str, key: tuple, base: Path | None = None) -> Path:
+        """Resolve `~` and relative paths (relative to the file the value came from)."""
+        expanded = os.path.expanduser(raw)
+        path = Path(expanded)
+        if not path.is_absolute():
+            path = (base or self.source_of(*key).file.parent) / path
+        return Path(os.path.normpath(path))
+
+    # -- sections ---------------------------------------------------------------------------
+    def resolve(self) -> m.ProjectConfig:
+        vm = self.vm()
+        network = self.network(vm)
+        workspace = self.get("workspace", "mount") or f"/workspaces/{vm.name}"
+        workspace = _norm_guest(workspace)
+        shares = self.shares(workspace)
+        ports = self.ports(network)
+        return m.ProjectConfig(
+            project_dir=self.project_dir,
+            config_file=self.project.file,
+            user_config_file=self.user.file if self.user else None,
+            vm=vm,
+            network=network,
+            workspace_mount=workspace,
+            shares=shares,
+            nix=self.nix(),
+            storage=m.StorageSettings(
+                persist_mib=self.size(("storage", "persist"), DEFAULT_PERSIST_MIB, 1),
+                nix_store_mib=self.size(("storage", "nix_store"), DEFAULT_NIX_STORE_MIB, 1),
+                docker_mib=self.size(("storage", "docker"), DEFAULT_DOCKER_MIB, 1),
+            ),
+            docker_enable=bool(self.get("docker", "enable", default=False)),
+            env=tuple(sorted((self.get("env") or {}).items())),
+            dotfiles=self.dotfiles(),
+            hooks=m.HooksSettings(self.get("hooks", "post_create"), self.get("hooks", "post_start")),
+            ports=ports,
+            ssh=self.ssh(),
+        )
+
+    def size(self, key: tuple, default: int, minimum: int) -> int:
+        raw = self.get(*key)
+        if raw is None:
+            return default
+        mib = parse_size_mib(raw)
+        if mib is None:
+            self.error(key, f'{describe(raw)} is not a whole number of MiB (try "8GiB" or 8192)')
+            return default
+        if mib < minimum:
+            self.error(key, f"{describe(raw)} is less than the minimum {minimum} MiB")
+        return mib
+
+    def vm(self) -> m.VmSettings:
+        name = self.get("vm", "name")
+        if name is None:
+            name = safe_vm_name(self.project_dir.name)
+            if not NAME_RE.match(name):
+                self.error(("vm",), f"cannot make a VM name from the directory name "
+                           f"{describe(self.project_dir.name)}; set [vm] name "
+                           f'(lower-case letters, digits and "-")', True)
+                name = "invalid"
+        memory = self.size(("vm", "memory"), DEFAULT_MEMORY_MIB, MIN_MEMORY_MIB)
+        if self.get("vm", "memory") is not None and memory < MIN_MEMORY_MIB:
+            pass  # reported by size()
+        return m.VmSettings(
+            name=name,
+            cpus=self.get("vm", "cpus", default=DEFAULT_CPUS),
+            memory_mib=memory,
+            hypervisor=self.get("vm", "hypervisor", default=m.DEFAULT_HYPERVISOR),
+            user=self.get("vm", "user", default=m.DEFAULT_USER),
+            cid=self.get("vm", "cid"),
+            uid=self.get("vm", "uid", default=default_uid()),
+            gid=self.get("vm", "gid", default=m.DEFAULT_GID),
+        )
+
+    def network(self, vm: m.VmSettings) -> m.NetworkSettings:
+        mode = self.get("network", "mode", default="bridge")
+        ssh_port = self.get("network", "ssh_port")
+        iface = self.get("network", "interface")
+        if mode == "user" and vm.hypervisor != "qemu":
+            key = ("vm", "hypervisor") if self.get("vm", "hypervisor") is not None else ("network", "mode")
+            self.error(key, f'user-mode networking works only with hypervisor "qemu" '
+                       f'(microvm.nix forwards the SSH port through qemu); '
+                       f'use network.mode = "bridge" or hypervisor = "qemu"')
+        if ssh_port is not None and mode != "user":
+            self.error(("network", "ssh_port"), 'only used with network.mode = "user"; '
+                       'in bridge mode SSH listens on 10.0.0.<cid>:22')
+        if iface is not None:
+            if len(iface) > MAX_IFNAME:
+                self.error(("network", "interface"),
+                           f"{describe(iface)} is {len(iface)} characters; Linux interface "
+                           f"names are at most {MAX_IFNAME}")
+            elif mode == "bridge" and not iface.startswith("microvm-"):
+                self.error(("network", "interface"),
+                           f"{describe(iface)} must start with \"microvm-\" in bridge mode: "
+                           f"the host bridges only microvm-* interfaces into br-microvm")
+        return m.NetworkSettings(mode=mode, ssh_port=ssh_port, interface=iface)
+
+    def shares(self, workspace: str) -> tuple[m.Share, ...]:
+        out: list[m.Share] = []
+        targets: dict[str, int] = {}
+        tags: dict[str, int] = {"workspace": -1, "ro-store": -1}
+        for index, entry in enumerate(self.get("shares") or []):
+            key = ("shares", index)
+            source = self.path_value(entry["source"], key + ("source",))
+            if not source.exists():
+                self.error(key + ("source",), f"{source} does not exist")
+            elif not source.is_dir():
+                self.error(key + ("source",), f"{source} is not a directory")
+            target = _norm_guest(entry["target"])
+            if target == "/":
+                self.error(key + ("target",), "cannot mount over the guest's root directory")
+            if target in targets:
+                self.error(key + ("target",),
+                           f"{target} is already the target of shares[{targets[target]}]")
+            elif _overlaps(target, workspace):
+                self.error(key + ("target",),
+                           f"{target} overlaps the workspace mount {workspace}; "
+                           f"choose a target outside it (or change workspace.mount)")
+            elif _overlaps(target, "/nix"):
+                self.error(key + ("target",), f"{target} overlaps /nix, which nix-mariner mounts")
+            targets.setdefault(target, index)
+            tag = entry.get("tag")
+            if tag is not None:
+                if tag in RESERVED_TAGS:
+                    self.error(key + ("tag",), f"{describe(tag)} is reserved "
+                               f"(nix-mariner and mariner use {', '.join(sorted(RESERVED_TAGS))})")
+                elif tag in tags:
+                    self.error(key + ("tag",), f"share tag {describe(tag)} is already used by "
+                               f"shares[{tags[tag]}]; microvm.nix requires unique tags")
+            else:
+                tag = _derive_tag(target, set(tags))
+            tags.setdefault(tag, index)
+            out.append(m.Share(source=source, target=target,
+                               readonly=bool(entry.get("readonly", False)), tag=tag))
+        return tuple(out)
+
+    def nix(self) -> m.NixSettings:
+        modules = []
+        for index, raw in enumerate(self.get("nix", "modules") or []):
+            key = ("nix", "modules", index)
+            path = self.path_value(raw, key)
+            if not path.exists():
+                self.error(key, f"{path} does not exist")
+            elif path.is_dir() and not (path / "default.nix").is_file():
+                self.error(key, f"{path} is a directory without default.nix")
+            elif path.is_file() and path.suffix != ".nix":
+                self.error(key, f"{path} is not a .nix file")
+            modules.append(path)
+        return m.NixSettings(
+            packages=tuple(self.get("nix", "packages") or ()),
+            modules=tuple(modules),
+            mariner=self.get("nix", "mariner") or DEFAULT_MARINER_FLAKE,
+        )
+
+    def ports(self, network: m.NetworkSettings) -> tuple[m.PortForward, ...]:
+        out: list[m.PortForward] = []
+        seen: dict[int, int] = {}
+        for index, raw in enumerate(self.get("ports", "forward") or []):
+            key = ("ports", "forward", index)
+            if isinstance(raw, int):
+                host = guest = raw
+            else:
+                host, guest = (int(p) for p in raw.split(":"))
+                bad = [p for p in (host, guest) if not 1 <= p <= 65535]
+                if bad:
+                    self.error(key, f"{describe(raw)}: port {bad[0]} is out of range 1-65535")
+                    continue
+            if host in seen:
+                self.error(key, f"host port {host} is already forwarded by ports.forward[{seen[host]}]")
+                continue
+            if network.ssh_port is not None and host == network.ssh_port:
+                self.error(key, f"host port {host} is network.ssh_port")
+                continue
+            seen[host] = index
+            out.append(m.PortForward(host=host, guest=guest))
+        return tuple(out)
+
+    def dotfiles(self) -> m.DotfilesSettings:
+        def home_paths(name: str) -> tuple[Path, ...]:
+            out = []
+            for index, raw in enumerate(self.get("dotfiles", name) or []):
+                key = ("dotfiles", name, index)
+                path = self.path_value(raw, key, base=self.home)
+                if not _inside(path, self.home):
+                    self.error(key, f"{path} is not under your home directory {self.home}; "
+                               f"dotfiles keep their place under ~ in the guest")
+                out.append(path)
+            return tuple(out)
+
+        target = self.get("dotfiles", "target", default="~/dotfiles")
+        if target.startswith("/") or ".." in PurePosixPath(target).parts:
+            self.error(("dotfiles", "target"), f"{describe(target)} must be a path under the "
+                       f"guest user's home (e.g. \"~/dotfiles\")")
+        return m.DotfilesSettings(
+            files=home_paths("files"),
+            allow=home_paths("allow"),
+            repository=self.get("dotfiles", "repository"),
+            install=self.get("dotfiles", "install"),
+            target=target,
+        )
+
+    def ssh(self) -> m.SshSettings:
+        identity = None
+        raw = self.get("ssh", "identity")
+        if raw is not None:
+            identity = self.path_value(raw, ("ssh", "identity"), base=self.home)
+            if not identity.is_file():
+                self.error(("ssh", "identity"), f"{identity} does not exist; point it at a "
+                           f"private key whose .pub sits beside it, or remove the key to use "
+                           f"mariner's own")
+            elif not identity.with_name(identity.name + ".pub").is_file():
+                self.error(("ssh", "identity"), f"{identity}.pub does not exist; mariner "
+                           f"authorizes the public half in the guest "
+                           f"(create it with `ssh-keygen -y -f {identity} > {identity}.pub`)")
+        return m.SshSettings(identity=identity,
+                             forward_agent=bool(self.get("ssh", "forward_agent", default=False)))
+
+
+def _norm_guest(path: str) -> str:
+    return str(PurePosixPath(os.path.normpath(path))) if path.startswith("/") else path
+
+
+def _overlaps(a: str, b: str) -> bool:
+    a, b = a.rstrip("/") + "/", b.rstrip("/") + "/"
+    return a.startswith(b) or b.startswith(a)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+    except ValueError:
+        return False
+    return path != root
+
+
+def _derive_tag(target: str, taken: set[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", target.strip("/")).strip("-") or "share"
+    base = base[:MAX_TAG]
+    tag, n = base, 2
+    while tag in taken or tag in RESERVED_TAGS:
+        suffix = f"-{n}"
+        tag = base[:MAX_TAG - len(suffix)] + suffix
+        n += 1
+    return tag

@@ -1,0 +1,258 @@
+"""Rendering a project's VM flake directory (flake.nix, vm.nix, copied modules) from its config.
+
+Rendering only computes file contents; `write_flake` puts them on disk atomically. Every value
+that comes from the user goes through `nix_string`, so it evaluates to exactly the original.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import model as m
+from .config import USER_MODE_IFACE
+from .errors import MarinerError
+
+WORKSPACE_TAG = "workspace"
+METADATA_FILE = "mariner.json"
+
+
+@dataclass(frozen=True)
+class RenderedFlake:
+    """The files of a flake directory (relative path -> bytes) and their content hash."""
+
+    name: str
+    files: dict[str, bytes]
+    hash: str
+    metadata: dict
+
+
+def nix_string(value: str) -> str:
+    """A Nix double-quoted string literal that evaluates to exactly `value`."""
+    if "\0" in value:
+        raise MarinerError(f"{value!r}: Nix strings cannot hold a NUL character")
+    escaped = (value.replace("\\", "\\\\").replace('"', '\\"').replace("${", "\\${")
+               .replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t"))
+    return f'"{escaped}"'
+
+
+def nix_value(value, indent: str = "  ") -> str:
+    """Nix source for JSON-like data (str, int, bool, list, dict), user strings escaped."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return nix_string(value)
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return "[ ]"
+        if all(isinstance(v, (str, int)) for v in value):
+            return "[ " + " ".join(nix_value(v) for v in value) + " ]"
+        inner = indent + "  "
+        return "[\n" + "".join(f"{inner}{nix_value(v, inner)}\n" for v in value) + indent + "]"
+    if isinstance(value, dict):
+        if not value:
+            return "{ }"
+        inner = indent + "  "
+        body = "".join(f"{inner}{nix_attr(k)} = {nix_value(v, inner)};\n" for k, v in value.items())
+        return "{\n" + body + indent + "}"
+    raise TypeError(f"cannot render {type(value).__name__} as Nix")
+
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_'-]*$")
+_NIX_KEYWORDS = {"if", "then", "else", "assert", "with", "let", "in", "rec", "inherit", "or"}
+
+
+def nix_attr(name: str) -> str:
+    """An attribute name: bare when it is a plain identifier, else a quoted string."""
+    return name if _IDENT.match(name) and name not in _NIX_KEYWORDS else nix_string(name)
+
+
+def mac_for_cid(cid: int) -> str:
+    """nix-mariner's MAC for a cid: 02:00:00:00:00:<cid in two lower-case hex digits>."""
+    return f"02:00:00:00:00:{cid:02x}"
+
+
+def nix_system() -> str:
+    machine = platform.machine()
+    return {"x86_64": "x86_64-linux", "amd64": "x86_64-linux", "aarch64": "aarch64-linux",
+            "arm64": "aarch64-linux"}.get(machine, f"{machine}-linux")
+
+
+def _module_file_name(index: int, path: Path) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", path.name).strip("-") or "module"
+    return f"{index}-{safe}"
+
+
+def _vm_module(cfg: m.ProjectConfig, cid: int, ssh_port: int | None, public_key: str) -> str:
+    vm = cfg.vm
+    user = nix_attr(vm.user)
+    settings: list[tuple[str, str]] = [
+        ("networking.hostName", nix_string(vm.name)),
+        ("mariner.cid", str(cid)),
+        ("mariner.username", nix_string(vm.user)),
+        ("mariner.ssh.authorizedKey", nix_string(public_key)),
+        # nix-mariner defines the user's uid as a plain value: only mkForce overrides it.
+        (f"users.users.{user}.uid", f"lib.mkForce {vm.uid}"),
+    ]
+    if vm.gid != m.DEFAULT_GID:
+        settings += [
+            (f"users.groups.{user}.gid", str(vm.gid)),
+            (f"users.users.{user}.group", f"lib.mkForce {nix_string(vm.user)}"),
+        ]
+    settings += [
+        ("microvm.vcpu", str(vm.cpus)),
+        ("microvm.mem", str(vm.memory_mib)),
+        ("microvm.hypervisor", nix_string(vm.hypervisor)),
+    ]
+    shares = [{"proto": "virtiofs", "tag": WORKSPACE_TAG, "source": str(cfg.project_dir),
+               "mountPoint": cfg.workspace_mount, "socket": f"virtiofs-{WORKSPACE_TAG}.sock",
+               "readOnly": False}]
+    shares += [{"proto": "virtiofs", "tag": s.tag, "source": str(s.source),
+                "mountPoint": s.target, "socket": f"virtiofs-{s.tag}.sock",
+                "readOnly": s.readonly} for s in cfg.shares]
+    settings.append(("microvm.shares", nix_value(shares)))
+    settings += [
+        ("mariner.storage.persistSizeMiB", str(cfg.storage.persist_mib)),
+        ("mariner.storage.nixStoreSizeMiB", str(cfg.storage.nix_store_mib)),
+        ("mariner.storage.dockerSizeMiB", str(cfg.storage.docker_mib)),
+        ("mariner.docker.enable", nix_value(cfg.docker_enable)),
+    ]
+    mac = mac_for_cid(cid)
+    if cfg.network.mode == "user":
+        iface = cfg.network.interface or USER_MODE_IFACE
+        settings += [
+            # nix-mariner's guest network matches its interface by this MAC.
+            ("microvm.interfaces", nix_value([{"type": "user", "id": iface, "mac": mac}])),
+            # An empty host address would bind every interface: SSH stays on loopback.
+            ("microvm.forwardPorts", nix_value([{
+                "from": "host", "proto": "tcp",
+                "host": {"address": "127.0.0.1", "port": ssh_port},
+                "guest": {"port": 22}}])),
+            ("mariner.network.address", nix_string(f"{m.USER_NET_GUEST}/24")),
+            ("mariner.network.gateway", nix_string(m.USER_NET_GATEWAY)),
+            ("mariner.network.dns", nix_string(m.USER_NET_DNS)),
+        ]
+    elif cfg.network.interface:
+        settings.append(("microvm.interfaces", nix_value(
+            [{"type": "tap", "id": cfg.network.interface, "mac": mac}])))
+    if cfg.nix.packages:
+        paths = [p.split(".") for p in cfg.nix.packages]
+        settings.append(("environment.systemPackages",
+                         f"map (attrPath: lib.getAttrFromPath attrPath pkgs) {nix_value(paths)}"))
+    if cfg.env:
+        settings.append(("environment.variables", nix_value(dict(cfg.env))))
+    body = "".join(f"  {key} = {value};\n" for key, value in settings)
+    return ("# Generated by mariner from mariner.toml; do not edit: change mariner.toml and run\n"
+            "# `mariner up` (or `mariner render`).\n"
+            "{ lib, pkgs, ... }:\n{\n" + body + "}\n")
+
+
+def _flake_nix(cfg: m.ProjectConfig, module_names: list[str]) -> str:
+    modules = ["mariner.nixosModules.default", "./vm.nix"]
+    modules += [f"./modules/{name}" for name in module_names]
+    module_lines = "".join(f"          {mod}\n" for mod in modules)
+    return (
+        "# Generated by mariner from mariner.toml; do not edit.\n"
+        "{\n"
+        f"  description = {nix_string('mariner VM ' + cfg.name)};\n"
+        "\n"
+        f"  inputs.mariner.url = {nix_string(cfg.nix.mariner)};\n"
+        "\n"
+        "  outputs = { self, mariner, ... }:\n"
+        "    let\n"
+        "      nixpkgs = mariner.inputs.nixpkgs;\n"
+        "    in\n"
+        "    {\n"
+        f"      nixosConfigurations.{nix_attr(cfg.name)} = nixpkgs.lib.nixosSystem {{\n"
+        f"        system = {nix_string(nix_system())};\n"
+        "        modules = [\n"
+        f"{module_lines}"
+        "        ];\n"
+        "      };\n"
+        "    };\n"
+        "}\n"
+    )
+
+
+def _module_files(cfg: m.ProjectConfig) -> tuple[list[str], dict[str, bytes]]:
+    names: list[str] = []
+    files: dict[str, bytes] = {}
+    for index, path in enumerate(cfg.nix.modules):
+        name = _module_file_name(index, path)
+        names.append(name)
+        if path.is_dir():
+            for sub in sorted(path.rglob("*")):
+                if sub.is_file():
+                    files[f"modules/{name}/{sub.relative_to(path).as_posix()}"] = sub.read_bytes()
+        else:
+            files[f"modules/{name}"] = path.read_bytes()
+    return names, files
+
+
+def render_flake(cfg: m.ProjectConfig, *, cid: int, ssh_port: int | None,
+                 public_key: str) -> RenderedFlake:
+    """Compute the flake directory for a VM with this cid (and user-mode SSH port)."""
+    if cfg.network.mode == "user" and ssh_port is None:
+        raise MarinerError("user-mode networking needs an SSH port; none was allocated")
+    names, files = _module_files(cfg)
+    files["flake.nix"] = _flake_nix(cfg, names).encode()
+    files["vm.nix"] = _vm_module(cfg, cid, ssh_port, public_key).encode()
+    digest = hashlib.sha256()
+    for rel in sorted(files):
+        digest.update(rel.encode() + b"\0" + hashlib.sha256(files[rel]).digest())
+    flake_hash = digest.hexdigest()
+    metadata = {"name": cfg.name, "hash": flake_hash, "cid": cid, "ssh_port": ssh_port,
+                "config": cfg.to_json()}
+    files[METADATA_FILE] = (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode()
+    return RenderedFlake(name=cfg.name, files=files, hash=flake_hash, metadata=metadata)
+
+
+def write_flake(rendered: RenderedFlake, directory: Path) -> Path:
+    """Write the flake directory so that it is always either the old or the new one."""
+    directory = Path(directory).absolute()
+    if directory.is_dir() and _same_content(directory, rendered.files):
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.new-"))
+    try:
+        for rel, data in rendered.files.items():
+            target = staging / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        os.chmod(staging, 0o755)
+        old = None
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
+            os.rmdir(old)
+            os.rename(directory, old)
+        os.rename(staging, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def _same_content(directory: Path, files: dict[str, bytes]) -> bool:
+    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()}
+    if present != set(files):
+        return False
+    return all((directory / rel).read_bytes() == data for rel, data in files.items())
+
+
+def read_metadata(directory: Path) -> dict | None:
+    """The metadata a rendered flake directory records (hash, cid, config), if any."""
+    try:
+        return json.loads((Path(directory) / METADATA_FILE).read_text())
+    except (OSError, ValueError):
+        return None

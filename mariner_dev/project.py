@@ -1,0 +1,154 @@
+"""Creating a project's mariner.toml (`mariner init`) and rendering its flake (`mariner render`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from pathlib import Path
+
+from .config import CONFIG_NAME, safe_vm_name
+from .errors import MarinerError, UsageError
+from .fsutil import write_atomic
+
+if TYPE_CHECKING:
+    from .nixrender import RenderedFlake
+    from .state import VmRecord
+
+SCHEMA_URL = "https://raw.githubusercontent.com/mariner-dev/mariner/main/schema/mariner.schema.json"
+
+DEFAULT_TEMPLATE = """\
+#:schema {schema_url}
+# mariner.toml: this project's microVM. Every key is optional; commented lines show defaults.
+# Reference: {schema_url}
+
+[vm]
+name = "{name}"             # systemd unit microvm@{name} and the guest's hostname
+# cpus = 2
+# memory = "2GiB"           # integer MiB or a string with a unit
+# hypervisor = "qemu"
+# user = "vm"               # the guest account
+# cid = 7                   # default: allocated, unique on this host (3-254)
+
+[network]
+# mode = "bridge"           # bridge: guest at 10.0.0.<cid>; user: SSH on a loopback port, no host setup
+# ssh_port = 2222           # user mode only (default: allocated)
+
+[workspace]
+# mount = "/workspaces/{name}"   # where this directory appears in the guest
+
+# [[shares]]                # more host directories, over virtiofs
+# source = "~/datasets"
+# target = "/data"
+# readonly = true
+
+[nix]
+packages = ["git"]          # nixpkgs attribute paths, e.g. "python312Packages.pip"
+# modules = ["nix/extra.nix"]
+
+# [storage]
+# persist = "8GiB"
+# nix_store = "32GiB"
+# docker = "32GiB"
+
+# [docker]
+# enable = false
+
+[env]                       # lands in the world-readable Nix store: secrets go through `exec -e`
+# DATABASE_URL = "postgres://localhost/app"
+
+# [dotfiles]                # better kept in ~/.config/mariner/config.toml
+# files = ["~/.gitconfig"]
+
+[hooks]
+# post_create = "make deps"     # once, after the first successful boot
+# post_start = "make migrate"   # after every start
+
+[ports]
+# forward = [8000, "15432:5432"]
+
+# [ssh]
+# identity = "~/.ssh/id_ed25519"   # default: a key mariner generates
+# forward_agent = false
+"""
+
+
+def examples_dir() -> Path:
+    """The starter projects: shipped inside the package, or the repository's examples/."""
+    packaged = Path(__file__).with_name("examples")
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "examples"
+
+
+def templates() -> list[str]:
+    root = examples_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / CONFIG_NAME).is_file())
+
+
+def init_text(directory: Path, template: str | None = None) -> str:
+    """The text of a new mariner.toml for `directory`."""
+    name = safe_vm_name(directory.name) or "project"
+    if template is None:
+        return DEFAULT_TEMPLATE.format(name=name, schema_url=SCHEMA_URL)
+    available = templates()
+    if template not in available:
+        raise UsageError(f"no template named {template!r}; choose one of: {', '.join(available)}")
+    import tomlkit
+
+    doc = tomlkit.parse((examples_dir() / template / CONFIG_NAME).read_text())
+    vm = doc.get("vm")
+    if vm is not None and "name" in vm:
+        vm["name"] = name
+    text = tomlkit.dumps(doc)
+    if not text.startswith("#:schema"):
+        text = f"#:schema {SCHEMA_URL}\n" + text
+    return text
+
+
+@dataclass(frozen=True)
+class InitResult:
+    path: Path
+    template: str | None
+
+
+def init_project(directory: Path, template: str | None = None, force: bool = False) -> InitResult:
+    """Write a commented mariner.toml in `directory`; refuse to overwrite unless forced."""
+    directory = Path(directory).absolute()
+    if not directory.is_dir():
+        raise UsageError(f"{directory} is not a directory")
+    target = directory / CONFIG_NAME
+    if target.exists() and not force:
+        raise MarinerError(f"{target} already exists; use --force to overwrite it")
+    text = init_text(directory, template)
+    write_atomic(target, text)
+    return InitResult(path=target, template=template)
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    directory: Path
+    flake: "RenderedFlake"
+    record: "VmRecord"
+
+
+def render_for(cfg, record) -> "RenderedFlake":
+    """The flake this project's VM would be built from now (computed, nothing written)."""
+    from .keys import public_key_for
+    from .nixrender import render_flake
+
+    return render_flake(cfg, cid=record.cid, ssh_port=record.ssh_port,
+                        public_key=public_key_for(cfg))
+
+
+def render_project(cfg, out: Path | None = None) -> RenderResult:
+    """Reserve the VM's cid/port, render its flake and write it (default place or `out`)."""
+    from . import paths
+    from .allocation import reserve
+    from .nixrender import write_flake
+
+    record = reserve(cfg)
+    flake = render_for(cfg, record)
+    directory = write_flake(flake, Path(out) if out else paths.default_flake_dir(cfg.name))
+    return RenderResult(directory=directory, flake=flake, record=record)

@@ -1,0 +1,86 @@
+"""mariner's own registry of VMs: which project owns which name, its cid, port and hashes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Iterator
+
+from . import paths
+from .errors import StateError
+from .fsutil import file_lock, write_atomic
+
+REGISTRY_VERSION = 1
+
+
+@dataclass
+class VmRecord:
+    """What mariner remembers about one VM it created."""
+
+    name: str
+    project: str                    # absolute project directory
+    config_file: str
+    cid: int
+    network_mode: str
+    ssh_port: int | None = None
+    created: bool = False           # `microvm -c` succeeded
+    built_hash: str | None = None   # hash of the flake the VM was last built from
+    built_config: dict | None = None
+    restart_pending: bool = False   # updated with --no-restart while running
+    post_create_done: bool = False
+    booted_hash: str | None = None  # hash of the flake the running VM booted from
+    dotfiles_hash: str | None = None
+    flake_dir: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict) -> "VmRecord":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class Registry:
+    """The registry file, read and written under a lock, always atomically."""
+
+    def __init__(self, home: Path | None = None):
+        self.home = home or paths.mariner_home()
+        self.file = self.home / "registry.json"
+        self.lock_file = self.home / "registry.lock"
+
+    def load(self) -> dict[str, VmRecord]:
+        try:
+            text = self.file.read_text()
+        except FileNotFoundError:
+            return {}
+        try:
+            data = json.loads(text)
+            vms = data["vms"]
+            return {name: VmRecord.from_json(rec) for name, rec in vms.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise StateError(
+                f"{self.file}: the registry is corrupt ({exc.__class__.__name__}: {exc}); "
+                f"move it aside and run `mariner up` again to re-register your VMs") from None
+
+    def save(self, vms: dict[str, VmRecord]) -> None:
+        paths.ensure_private_dir(self.home)
+        data = {"version": REGISTRY_VERSION,
+                "vms": {name: asdict(rec) for name, rec in sorted(vms.items())}}
+        write_atomic(self.file, json.dumps(data, indent=2, sort_keys=True) + "\n", mode=0o600)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[dict[str, VmRecord]]:
+        """Load, let the caller change the dict, save: all under the registry lock."""
+        paths.ensure_private_dir(self.home)
+        with file_lock(self.lock_file, what="the mariner registry", timeout=60):
+            vms = self.load()
+            yield vms
+            self.save(vms)
+
+    def get(self, name: str) -> VmRecord | None:
+        return self.load().get(name)
+
+
+def vm_lock_file(name: str) -> Path:
+    """The per-VM lock that `up`, `down` and `destroy` take."""
+    return paths.mariner_home() / "locks" / f"{name}.lock"
