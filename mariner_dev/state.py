@@ -84,3 +84,63 @@ class Registry:
 def vm_lock_file(name: str) -> Path:
     """The per-VM lock that `up`, `down` and `destroy` take."""
     return paths.mariner_home() / "locks" / f"{name}.lock"
+
+
+# -- processes attached to a VM (`sync --watch`, `forward`): `destroy` and `down` stop them --------
+
+def attached_dir(name: str) -> Path:
+    return paths.mariner_home() / "attached" / name
+
+
+@contextlib.contextmanager
+def attached(name: str, kind: str) -> Iterator[None]:
+    """Record this process as attached to VM `name` (e.g. kind "sync-watch", "forward")."""
+    import os
+
+    directory = attached_dir(name)
+    directory.mkdir(parents=True, exist_ok=True)
+    marker = directory / f"{os.getpid()}.json"
+    write_atomic(marker, json.dumps({"pid": os.getpid(), "kind": kind}) + "\n", mode=0o600)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            marker.unlink()
+
+
+def stop_attached(name: str, timeout: float = 5.0) -> list[str]:
+    """SIGTERM every live process attached to VM `name` and wait for it; returns their kinds."""
+    import os
+    import signal
+    import time
+
+    stopped: list[str] = []
+    directory = attached_dir(name)
+    if not directory.is_dir():
+        return stopped
+    pids: list[int] = []
+    for marker in directory.glob("*.json"):
+        try:
+            info = json.loads(marker.read_text())
+            pid = int(info["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            marker.unlink(missing_ok=True)
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            marker.unlink(missing_ok=True)
+            continue
+        pids.append(pid)
+        stopped.append(str(info.get("kind", "process")))
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+    return stopped

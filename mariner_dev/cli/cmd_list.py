@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from .app import JsonOpt, app, context
+
+
+@app.command("list")
+def list_(json_output: JsonOpt = False) -> None:
+    """List every VM on this host: mariner's, with their projects, and any others."""
+    from .. import lifecycle
+
+    ctx = context(None, json_output)
+    vms = lifecycle.list_vms()
+    if json_output:
+        ctx.emit_json({"vms": [vm.to_json() for vm in vms]})
+        return
+    if not vms:
+        ctx.err.print("No VMs. `mariner up` in a project creates one.")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for column in ("NAME", "STATE", "ADDRESS", "PROJECT"):
+        table.add_column(column)
+    for vm in vms:
+        where = "-"
+        if vm.address:
+            where = f"{vm.address}:{vm.ssh_port}" if vm.ssh_port else vm.address
+        table.add_row(vm.name, vm.state, where, vm.project or "(not created by mariner)")
+    Console(highlight=False).print(table)

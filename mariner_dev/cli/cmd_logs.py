@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from .app import ProjectOpt, app, context
+
+
+@app.command("logs")
+def logs(
+    project: ProjectOpt = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")] = False,
+    lines: Annotated[Optional[int], typer.Option("-n", "--lines", min=0,
+                     help="Show only the last N lines.")] = None,
+) -> None:
+    """Show the VM's console log (the journal of microvm@<name>)."""
+    import sys
+
+    from ..lifecycle import default_backend
+    from ..state import Registry
+    from ..errors import OwnershipError
+
+    ctx = context(project)
+    cfg = ctx.load()
+    record = Registry().get(cfg.name)
+    if record is not None and record.project != str(cfg.project_dir):
+        raise OwnershipError(f"VM {cfg.name!r} belongs to the project {record.project}",
+                             exit_code=2)
+    backend = default_backend()
+    try:
+        for line in backend.logs(cfg.name, follow=follow, lines=lines):
+            sys.stdout.write(line if line.endswith("\n") else line + "\n")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from .app import JsonOpt, ProjectOpt, app, context
+
+
+def _uptime(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+@app.command("status")
+def status(project: ProjectOpt = None, json_output: JsonOpt = False) -> None:
+    """Show this project's VM: state, whether its config changed since it was built, address."""
+    from .. import lifecycle
+
+    ctx = context(project, json_output)
+    result = lifecycle.status(ctx.load())
+    if json_output:
+        ctx.emit_json(result.to_json())
+        return
+    state = result.state + (" (outdated)" if result.outdated else "")
+    lines = [f"name:     {result.name}", f"state:    {state}"]
+    if result.outdated:
+        lines.append(f"changed:  {', '.join(result.changed_keys)} (run `mariner up`)")
+    if result.restart_pending:
+        lines.append("restart:  pending (a rebuilt system waits: `mariner down && mariner up`)")
+    if result.address:
+        where = f"{result.address}:{result.ssh_port}" if result.ssh_port else f"{result.address}:22"
+        lines.append(f"address:  {where}")
+    if result.cid is not None:
+        lines.append(f"cid:      {result.cid}")
+    lines.append(f"uptime:   {_uptime(result.uptime)}")
+    if result.forwards:
+        lines.append(f"forwards: {', '.join(result.forwards)}")
+    if not result.managed and result.state != "absent":
+        lines.append("note:     this VM was not created by mariner")
+    print("\n".join(lines))

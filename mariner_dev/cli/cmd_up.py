@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .app import JsonOpt, ProjectOpt, app, context
+
+
+@app.command("up")
+def up(
+    project: ProjectOpt = None,
+    json_output: JsonOpt = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for SSH.")] = 180.0,
+    no_restart: Annotated[bool, typer.Option("--no-restart",
+                          help="After a rebuild, leave a running VM on its old system.")] = False,
+    fail_if_locked: Annotated[bool, typer.Option("--fail-if-locked",
+                              help="Fail at once if another command works on this VM.")] = False,
+) -> None:
+    """Create, update and start this project's VM; wait for SSH; sync dotfiles; run hooks."""
+    from .. import lifecycle
+    from ..errors import MarinerError
+    from .progress import PhaseDisplay
+
+    ctx = context(project, json_output)
+    try:
+        cfg = ctx.load()
+        with PhaseDisplay(ctx.err, enabled=True) as progress:
+            result = lifecycle.up(cfg, timeout=timeout, restart=not no_restart,
+                                  wait_lock=not fail_if_locked, progress=progress)
+    except lifecycle.HookFailed as exc:
+        if json_output:
+            ctx.emit_json(exc.result.to_json())
+            raise typer.Exit(1) from None
+        raise
+    except MarinerError as exc:
+        if json_output:
+            ctx.emit_json({"outcome": "error", "message": str(exc)})
+            raise typer.Exit(exc.exit_code) from None
+        raise
+    if json_output:
+        ctx.emit_json(result.to_json())
+        return
+    for message in result.messages:
+        ctx.err.print(message)
+    where = f"{result.address}:{result.ssh_port}" if result.ssh_port else result.address
+    ctx.err.print(f"VM {result.name} is running at {where} (user {result.user}, "
+                  f"project at {result.workspace})")
+    if result.restart_pending:
+        ctx.err.print("A rebuilt system is waiting for a restart: `mariner down && mariner up`.")
+    ctx.err.print(f"Get in: `mariner shell`, `mariner exec -- CMD`, or `ssh mariner-{result.name}`")

@@ -1,0 +1,38 @@
+"""Showing what a long command is doing: a live line with the phase and elapsed time on a
+terminal, plain lines otherwise (logs, CI, --json)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class PhaseDisplay:
+    """A callable that takes the current phase; use as a context manager."""
+
+    def __init__(self, console, enabled: bool = True):
+        self.console = console
+        self.enabled = enabled
+        self.start = time.monotonic()
+        self.live = enabled and sys.stderr.isatty()
+        self._status = None
+
+    def __enter__(self) -> "PhaseDisplay":
+        if self.live:
+            self._status = self.console.status("starting")
+            self._status.__enter__()
+        return self
+
+    def __call__(self, phase: str) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.monotonic() - self.start
+        if self._status is not None:
+            self._status.update(f"{phase}  [{elapsed:4.1f}s]")
+        else:
+            sys.stderr.write(f"mariner: {phase}\n")
+            sys.stderr.flush()
+
+    def __exit__(self, *exc) -> None:
+        if self._status is not None:
+            self._status.__exit__(*exc)

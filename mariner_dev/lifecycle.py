@@ -1,0 +1,430 @@
+"""A VM's life on the host: up (create, update, start, wait, hooks), down, destroy, status, list.
+
+Only `up`, `down` and `destroy` take the VM's lock. Every host command goes through the host
+backend; every guest interaction through `remote`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import paths
+from .errors import GuestUnreachable, HostError, MarinerError, OwnershipError
+from .fsutil import LockBusy, file_lock, lock_is_held
+from .host.backend import HostBackend, HostVmStatus
+from .model import ProjectConfig
+from .state import Registry, VmRecord, stop_attached, vm_lock_file
+
+Progress = Callable[[str], None]
+
+STATES = ("absent", "stopped", "starting", "running", "failed")
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+def default_backend() -> HostBackend:
+    from .host.microvm import MicrovmHost
+
+    return MicrovmHost()
+
+
+class VmLock:
+    """The per-VM lock that up/down/destroy hold, waiting or failing fast."""
+
+    def __init__(self, name: str, *, wait: bool, progress: Progress = _noop):
+        self.name = name
+        self.wait = wait
+        self.progress = progress
+        self._cm = None
+
+    def __enter__(self):
+        paths.ensure_private_dir(paths.mariner_home())
+        self._cm = file_lock(vm_lock_file(self.name), wait=self.wait,
+                             what=f"VM {self.name!r}",
+                             on_wait=lambda: self.progress(
+                                 f"waiting for another mariner command on VM {self.name}"))
+        try:
+            return self._cm.__enter__()
+        except LockBusy:
+            raise MarinerError(f"another mariner command is working on VM {self.name!r}; "
+                               f"wait for it to finish and try again") from None
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)
+
+
+@dataclass
+class UpResult:
+    name: str
+    state: str
+    address: str | None
+    ssh_port: int | None
+    user: str
+    workspace: str
+    created: bool = False
+    updated: bool = False
+    started: bool = False
+    restart_pending: bool = False
+    hook_failed: str | None = None
+    hook_exit: int | None = None
+    messages: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        data = {"outcome": "error" if self.hook_failed else "success", "name": self.name,
+                "state": self.state, "address": self.address, "ssh_port": self.ssh_port,
+                "user": self.user, "workspace": self.workspace, "created": self.created,
+                "updated": self.updated, "started": self.started,
+                "restart_pending": self.restart_pending}
+        if self.hook_failed:
+            data["hook"] = self.hook_failed
+            data["hook_exit"] = self.hook_exit
+            data["message"] = f"{self.hook_failed} hook exited with status {self.hook_exit}"
+        return data
+
+
+class HookFailed(MarinerError):
+    def __init__(self, result: UpResult):
+        super().__init__(f"the {result.hook_failed} hook exited with status {result.hook_exit}; "
+                         f"VM {result.name!r} is running: fix it and run `mariner up` again")
+        self.result = result
+
+
+def _address(cfg: ProjectConfig, record: VmRecord) -> tuple[str, int]:
+    if record.network_mode == "user":
+        return "127.0.0.1", record.ssh_port or 0
+    return f"10.0.0.{record.cid}", 22
+
+
+def _update_record(registry: Registry, name: str, **changes) -> VmRecord:
+    with registry.transaction() as vms:
+        record = vms[name]
+        for key, value in changes.items():
+            setattr(record, key, value)
+        return record
+
+
+def up(cfg: ProjectConfig, *, timeout: float = 180.0, restart: bool = True,
+       wait_lock: bool = True, backend: HostBackend | None = None,
+       progress: Progress = _noop) -> UpResult:
+    """Bring the project's VM to running with its current config; idempotent."""
+    from . import remote
+    from .allocation import reserve
+    from .nixrender import write_flake
+    from .project import render_for
+
+    backend = backend or default_backend()
+    registry = Registry()
+    with VmLock(cfg.name, wait=wait_lock, progress=progress):
+        progress("checking the configuration")
+        record = reserve(cfg, registry)
+        flake = render_for(cfg, record)
+        flake_dir = write_flake(flake, paths.default_flake_dir(cfg.name))
+        record = _update_record(registry, cfg.name, flake_dir=str(flake_dir))
+        host = backend.status(cfg.name)
+        address, port = _address(cfg, record)
+        result = UpResult(name=cfg.name, state="starting", address=address,
+                          ssh_port=record.ssh_port, user=cfg.vm.user,
+                          workspace=cfg.workspace_mount)
+        if not host.exists:
+            progress(f"building VM {cfg.name} (microvm -c)")
+            backend.create(cfg.name, flake_dir)
+            record = _update_record(registry, cfg.name, created=True, built_hash=flake.hash,
+                                    built_config=flake.metadata["config"], restart_pending=False,
+                                    post_create_done=False, dotfiles_hash=None)
+            result.created = True
+            host = backend.status(cfg.name)
+        elif record.built_hash != flake.hash:
+            progress(f"rebuilding VM {cfg.name} (microvm -u)")
+            backend.update(cfg.name)
+            result.updated = True
+            pending = host.running and not restart
+            record = _update_record(registry, cfg.name, created=True, built_hash=flake.hash,
+                                    built_config=flake.metadata["config"],
+                                    restart_pending=pending, dotfiles_hash=None)
+            if host.running and restart:
+                progress(f"restarting VM {cfg.name}")
+                _stop_agent(cfg.name)
+                backend.restart(cfg.name)
+                result.started = True
+                record = _update_record(registry, cfg.name, restart_pending=False)
+            host = backend.status(cfg.name)
+        if not host.running and host.unit != "activating":
+            progress(f"starting VM {cfg.name}")
+            if host.unit == "failed":
+                _stop_agent(cfg.name)
+            backend.start(cfg.name)
+            result.started = True
+            record = _update_record(registry, cfg.name, restart_pending=False)
+        result.restart_pending = record.restart_pending
+        target = remote.target_for(cfg, record)
+        fresh_boot = result.started or result.created
+        if fresh_boot or not remote.tcp_reachable(target, timeout=1.0):
+            _wait_for_guest(cfg, backend, target, timeout, progress)
+        result.state = "running"
+        _write_ssh_config(cfg, record, result)
+        if fresh_boot or not remote.agent_running(cfg.name):
+            try:
+                remote.start_agent(cfg, record)
+            except MarinerError as exc:  # exec falls back to a direct connection
+                result.messages.append(f"background agent not started: {exc}")
+        _after_boot(cfg, registry, record, target, result, fresh_boot, progress)
+        return result
+
+
+def _stop_agent(name: str) -> None:
+    from . import remote
+
+    remote.stop_agent(name)
+
+
+def _wait_for_guest(cfg: ProjectConfig, backend: HostBackend, target, timeout: float,
+                    progress: Progress) -> None:
+    """Wait until SSH answers (pinning the host key on first contact), or explain why not."""
+    from . import remote
+
+    progress(f"waiting for SSH on {target.describe()}")
+    deadline = time.monotonic() + timeout
+    while True:
+        host = backend.status(cfg.name)
+        if host.unit == "failed" or (host.unit == "inactive" and host.exists):
+            tail = "\n".join(backend.log_tail(cfg.name, 15))
+            raise MarinerError(f"VM {cfg.name!r} stopped while booting ({host.unit}); "
+                               f"last lines of its log:\n{tail}",
+                               hint="`mariner logs` shows the whole log")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            tail = "\n".join(backend.log_tail(cfg.name, 15))
+            raise MarinerError(f"VM {cfg.name!r} did not answer SSH on {target.describe()} "
+                               f"within {timeout:g} s; last lines of its log:\n{tail}",
+                               hint="`mariner logs -f` follows the boot; `mariner up --timeout "
+                                    "N` waits longer")
+        try:
+            remote.wait_for_ssh(target, timeout=min(remaining, 5.0), pin=True)
+            return
+        except remote.HostKeyMismatch:
+            raise
+        except GuestUnreachable:
+            continue
+
+
+def _write_ssh_config(cfg: ProjectConfig, record: VmRecord, result: UpResult) -> None:
+    from . import sshconfig
+
+    sshconfig.write_entry(cfg, record)
+    note = sshconfig.ensure_include()
+    if note:
+        result.messages.append(note)
+
+
+def _after_boot(cfg: ProjectConfig, registry: Registry, record: VmRecord, target,
+                result: UpResult, fresh_boot: bool, progress: Progress) -> None:
+    """Dotfiles on first boot and after a rebuild; post_create until it succeeds; post_start."""
+    from . import remote
+
+    if record.dotfiles_hash is None and (cfg.dotfiles.files or cfg.dotfiles.repository):
+        progress("syncing dotfiles")
+        from .sync import sync_dotfiles
+
+        report = sync_dotfiles(cfg, record)
+        record = _update_record(registry, cfg.name, dotfiles_hash=report.fingerprint)
+    elif record.dotfiles_hash is None:
+        record = _update_record(registry, cfg.name, dotfiles_hash="none")
+    env = cfg.env_dict
+    if cfg.hooks.post_create and not record.post_create_done:
+        progress("running the post_create hook")
+        status = remote.run_hook(target, cfg.hooks.post_create, cwd=cfg.workspace_mount, env=env)
+        if status != 0:
+            result.hook_failed, result.hook_exit = "post_create", status
+            raise HookFailed(result)
+        record = _update_record(registry, cfg.name, post_create_done=True)
+    elif not cfg.hooks.post_create and not record.post_create_done:
+        record = _update_record(registry, cfg.name, post_create_done=True)
+    if cfg.hooks.post_start and fresh_boot:
+        progress("running the post_start hook")
+        status = remote.run_hook(target, cfg.hooks.post_start, cwd=cfg.workspace_mount, env=env)
+        if status != 0:
+            result.hook_failed, result.hook_exit = "post_start", status
+            raise HookFailed(result)
+
+
+def _owned_record(cfg: ProjectConfig, registry: Registry) -> VmRecord | None:
+    record = registry.get(cfg.name)
+    if record is not None and Path(record.project) != cfg.project_dir:
+        raise OwnershipError(f"VM {cfg.name!r} belongs to the project {record.project}, not "
+                             f"{cfg.project_dir}; set a different [vm] name", exit_code=2)
+    return record
+
+
+def down(cfg: ProjectConfig, *, backend: HostBackend | None = None,
+         wait_lock: bool = True, progress: Progress = _noop) -> bool:
+    """Stop the VM (and its agent and attached processes); False when it was not running."""
+    backend = backend or default_backend()
+    registry = Registry()
+    with VmLock(cfg.name, wait=wait_lock, progress=progress):
+        record = _owned_record(cfg, registry)
+        if record is None:
+            if (paths.microvms_dir() / cfg.name).exists():
+                raise OwnershipError(f"VM {cfg.name!r} was not created by mariner; "
+                                     f"mariner does not stop it")
+            return False
+        _stop_agent(cfg.name)
+        stop_attached(cfg.name)
+        host = backend.status(cfg.name)
+        if host.unit in ("inactive",) :
+            return False
+        progress(f"stopping VM {cfg.name}")
+        backend.stop(cfg.name, wait=True)
+        _update_record(registry, cfg.name, restart_pending=False)
+        return True
+
+
+def destroy(cfg: ProjectConfig, *, backend: HostBackend | None = None,
+            progress: Progress = _noop) -> bool:
+    """Remove the VM, its volumes, registry entry, ssh-config entry and pinned host key."""
+    from . import remote, sshconfig
+
+    backend = backend or default_backend()
+    registry = Registry()
+    with VmLock(cfg.name, wait=False, progress=progress):
+        record = _owned_record(cfg, registry)
+        if record is None:
+            if (paths.microvms_dir() / cfg.name).exists():
+                raise OwnershipError(f"VM {cfg.name!r} was not created by mariner; "
+                                     f"mariner does not destroy it")
+            return False
+        _stop_agent(cfg.name)
+        stop_attached(cfg.name)
+        progress(f"destroying VM {cfg.name}")
+        backend.destroy(cfg.name)
+        sshconfig.remove_entry(cfg.name)
+        remote.forget_host_key(cfg.name)
+        shutil.rmtree(paths.vm_dir(cfg.name), ignore_errors=True)
+        with registry.transaction() as vms:
+            vms.pop(cfg.name, None)
+        return True
+
+
+@dataclass
+class VmStatus:
+    name: str
+    state: str
+    project: str | None
+    managed: bool
+    outdated: bool = False
+    changed_keys: list[str] = field(default_factory=list)
+    restart_pending: bool = False
+    address: str | None = None
+    ssh_port: int | None = None
+    cid: int | None = None
+    uptime: float | None = None
+    forwards: list[str] = field(default_factory=list)
+    agent: bool = False
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "state": self.state, "project": self.project,
+                "managed": self.managed, "outdated": self.outdated,
+                "changed_keys": self.changed_keys, "restart_pending": self.restart_pending,
+                "address": self.address, "ssh_port": self.ssh_port, "cid": self.cid,
+                "uptime": self.uptime, "forwards": self.forwards, "agent": self.agent}
+
+
+def _state_of(host: HostVmStatus, record: VmRecord | None, probe: bool = True) -> str:
+    from .remote.target import GuestTarget, tcp_reachable
+
+    if not host.exists:
+        return "absent"
+    if host.unit == "failed" or host.substate == "auto-restart":
+        return "failed"
+    if host.unit in ("inactive", "deactivating"):
+        return "stopped"
+    if host.unit == "activating":
+        return "starting"
+    if record is None or not probe:
+        return "running"
+    address = "127.0.0.1" if record.network_mode == "user" else f"10.0.0.{record.cid}"
+    port = record.ssh_port if record.network_mode == "user" else 22
+    target = GuestTarget(name=record.name, host=address, port=int(port or 22), user="",
+                         identity=Path("/"), alias="", known_hosts=Path("/"),
+                         vsock_cid=record.cid)
+    return "running" if tcp_reachable(target, timeout=0.5) else "starting"
+
+
+def _changed_keys(old: dict | None, new: dict) -> list[str]:
+    if old is None:
+        return []
+
+    def flat(data, prefix="") -> dict:
+        out = {}
+        if isinstance(data, dict):
+            for key, value in data.items():
+                out.update(flat(value, f"{prefix}.{key}" if prefix else key))
+        else:
+            out[prefix] = data
+        return out
+
+    a, b = flat(old), flat(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def status(cfg: ProjectConfig, *, backend: HostBackend | None = None) -> VmStatus:
+    """The project's VM as the host and mariner see it, without changing anything."""
+    from . import remote
+    from .project import render_for
+
+    backend = backend or default_backend()
+    record = _owned_record(cfg, Registry())
+    host = backend.status(cfg.name)
+    if record is None:
+        state = "absent" if not host.exists else _state_of(host, None)
+        return VmStatus(name=cfg.name, state=state, project=str(cfg.project_dir),
+                        managed=False)
+    state = _state_of(host, record)
+    result = VmStatus(name=cfg.name, state=state, project=record.project, managed=True,
+                      cid=record.cid, ssh_port=record.ssh_port,
+                      address=_address(cfg, record)[0],
+                      uptime=host.uptime if host.running else None,
+                      forwards=[str(p) for p in cfg.ports])
+    if host.exists and record.built_hash:
+        flake = render_for(cfg, record)
+        result.outdated = flake.hash != record.built_hash
+        if result.outdated:
+            result.changed_keys = _changed_keys(record.built_config, flake.metadata["config"]) \
+                or ["nix modules"]
+    result.restart_pending = record.restart_pending or (host.running and host.restart_pending)
+    result.agent = remote.agent_running(cfg.name) if host.running else False
+    return result
+
+
+def list_vms(*, backend: HostBackend | None = None) -> list[VmStatus]:
+    """Every VM mariner knows on this host, plus the host's VMs it did not create."""
+    backend = backend or default_backend()
+    records = Registry().load()
+    host_names = backend.list_vms()
+    names = sorted(set(records) | set(host_names))
+    statuses = backend.statuses(names)
+    out = []
+    for name in names:
+        record = records.get(name)
+        host = statuses[name]
+        if record is None:
+            out.append(VmStatus(name=name, state=_state_of(host, None, probe=False),
+                                project=None, managed=False))
+            continue
+        out.append(VmStatus(name=name, state=_state_of(host, record), project=record.project,
+                            managed=True, cid=record.cid, ssh_port=record.ssh_port,
+                            address=("127.0.0.1" if record.network_mode == "user"
+                                     else f"10.0.0.{record.cid}"),
+                            uptime=host.uptime if host.running else None,
+                            restart_pending=record.restart_pending))
+    return out
+
+
+def vm_busy(name: str) -> bool:
+    """True while another mariner command holds the VM's lock."""
+    return lock_is_held(vm_lock_file(name))

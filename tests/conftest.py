@@ -1,0 +1,80 @@
+"""Test isolation for every test, applied automatically.
+
+HOME, MARINER_HOME, MARINER_MICROVMS_DIR and the XDG directories point into a temporary
+directory, so no test can touch the real ~/.ssh, /var/lib/microvms or mariner state.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+REQUIRED_TOOLS = ("nix-instantiate", "sshd", "ssh", "ssh-keygen", "tmux", "rsync", "git")
+
+
+def require_tool(name: str) -> str:
+    """The tool's path; a missing tool fails the test (never skips: CI installs them all)."""
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    if path is None:
+        pytest.fail(f"{name} is not installed: run .ci/run as root, or install it "
+                    f"(Debian: nix-bin, openssh-server, openssh-client, tmux, rsync, git)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path_factory, monkeypatch):
+    """Every test gets its own HOME, MARINER_HOME, microvm directory and XDG directories."""
+    base = tmp_path_factory.mktemp("env")
+    home = base / "home"
+    home.mkdir()
+    # Unix socket paths are limited to 108 bytes: the runtime directory stays short.
+    runtime = Path(tempfile.mkdtemp(prefix="mr-", dir="/tmp"))
+    os.chmod(runtime, 0o700)
+    env = {
+        "HOME": str(home),
+        "MARINER_HOME": str(base / "mariner-home"),
+        "MARINER_MICROVMS_DIR": str(base / "microvms"),
+        "XDG_STATE_HOME": str(base / "xdg-state"),
+        "XDG_CONFIG_HOME": str(base / "xdg-config"),
+        "XDG_RUNTIME_DIR": str(runtime),
+        "XDG_CACHE_HOME": str(base / "xdg-cache"),
+        "NO_COLOR": "1",
+        "COLUMNS": "120",
+        "TERM": "xterm-256color",
+        "MARINER_SUDO": "",
+        "MARINER_GCROOTS_DIR": str(base / "gcroots"),
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    for key in ("MARINER_AGENT", "SSH_AUTH_SOCK", "MARINER_FAKEHOST_LOG"):
+        monkeypatch.delenv(key, raising=False)
+    (base / "microvms").mkdir()
+    yield base
+    shutil.rmtree(runtime, ignore_errors=True)
+
+
+@pytest.fixture
+def run_cli(capfd):
+    """Run `mariner ARGS` in-process; returns (exit code, stdout, stderr)."""
+    from mariner_dev.cli import main
+
+    def run(*args: str, cwd: Path | None = None) -> tuple[int, str, str]:
+        old = os.getcwd()
+        if cwd is not None:
+            os.chdir(cwd)
+        try:
+            code = main(list(args))
+        finally:
+            os.chdir(old)
+        out, err = capfd.readouterr()
+        return code, out, err
+
+    return run
