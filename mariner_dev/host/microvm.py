@@ -1,0 +1,255 @@
+"""The host backend for a NixOS host with the microvm.nix host module.
+
+Upstream facts this relies on (see shared/upstream/README.md): `microvm -c <name> -f <flake>`
+creates `<state dir>/<name>/` with `flake` and `current`, `microvm -u <name>` rebuilds it,
+`microvm@<name>.service` runs it (its ExecStartPre links `booted` to `current`, its
+ExecStopPost removes `booted`), and `-c` adds GC roots `<gcroots>/<name>`, `booted-<name>`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .. import paths
+from ..errors import HostError
+from . import runner
+from .backend import HostBackend, HostVmStatus, check_vm_name
+from .nixerror import NixBuildError, explain_build_error, option_config_key
+
+__all__ = ["MicrovmHost", "NixBuildError", "explain_build_error", "option_config_key",
+           "gcroots_dir", "unit_name"]
+
+DEFAULT_GCROOTS_DIR = "/nix/var/nix/gcroots/microvm"
+
+# Characters a `path:` flake reference carries through Nix's URL parser unchanged.
+_FLAKE_PATH = re.compile(r"^/[A-Za-z0-9._+,@~/-]*$")
+
+_SHOW_PROPERTIES = ("Id", "ActiveState", "SubState", "ActiveEnterTimestampMonotonic")
+_STATE_FOLD = {"reloading": "active", "refreshing": "active", "maintenance": "deactivating"}
+
+
+def gcroots_dir() -> Path:
+    """Where `microvm -c` puts the VMs' GC roots (MARINER_GCROOTS_DIR overrides, for tests)."""
+    return Path(os.environ.get("MARINER_GCROOTS_DIR") or DEFAULT_GCROOTS_DIR)
+
+
+def unit_name(name: str) -> str:
+    return f"microvm@{name}.service"
+
+
+def _readlink(path: Path) -> str | None:
+    try:
+        return os.readlink(path)
+    except (FileNotFoundError, NotADirectoryError, OSError):
+        return None
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    except PermissionError:
+        raise HostError(f"cannot read {path}: permission denied") from None
+
+
+def _parse_show(output: str) -> list[dict[str, str]]:
+    """`systemctl show` output: one block of KEY=VALUE lines per unit, blank-line separated."""
+    blocks: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    for line in output.splitlines():
+        if not line.strip():
+            if current:
+                blocks.append(current)
+                current = {}
+            continue
+        key, _, value = line.partition("=")
+        current[key] = value
+    if current:
+        blocks.append(current)
+    return blocks
+
+
+class MicrovmHost(HostBackend):
+    """VMs managed with the `microvm` CLI and `microvm@<name>` systemd units."""
+
+    name = "microvm.nix"
+
+    def __init__(self, microvms_dir: Path | None = None):
+        self._microvms_dir = microvms_dir
+
+    @property
+    def microvms_dir(self) -> Path:
+        """The state directory (MARINER_MICROVMS_DIR at the time of the call, unless given)."""
+        return self._microvms_dir or paths.microvms_dir()
+
+    def vm_dir(self, name: str) -> Path:
+        return self.microvms_dir / check_vm_name(name)
+
+    # -- building -------------------------------------------------------------------------
+
+    def create(self, name: str, flake_dir: Path, *, timeout: float | None = None) -> None:
+        check_vm_name(name)
+        flake_dir = Path(flake_dir)
+        if not flake_dir.is_absolute():
+            raise ValueError(f"the flake directory must be absolute, not {str(flake_dir)!r}")
+        if not _FLAKE_PATH.match(str(flake_dir)):
+            raise HostError(f"{flake_dir}: a `path:` flake reference cannot carry this directory "
+                            f"name (use letters, digits and . _ + , @ ~ / - only)")
+        if not (flake_dir / "flake.nix").is_file():
+            raise HostError(f"{flake_dir / 'flake.nix'} does not exist")
+        if os.path.lexists(self.vm_dir(name)):
+            raise HostError(f"VM {name} already exists on this host ({self.vm_dir(name)})",
+                            hint="`mariner destroy` removes it")
+        self._build(name, ["-c", name, "-f", f"path:{flake_dir}"], timeout)
+
+    def update(self, name: str, *, timeout: float | None = None) -> None:
+        directory = self.vm_dir(name)
+        if not directory.is_dir():
+            raise HostError(f"VM {name} does not exist on this host ({directory})")
+        if os.path.lexists(directory / "toplevel"):
+            raise HostError(f"VM {name} is declared in the host's NixOS configuration "
+                            f"(microvm.vms.{name}); mariner cannot rebuild it")
+        self._build(name, ["-u", name], timeout)
+
+    def _build(self, name: str, args: list[str], timeout: float | None) -> None:
+        result = runner.run("microvm", args, privileged=True, ok_codes=None, timeout=timeout)
+        if result.returncode == 0:
+            return
+        if "already exists" in result.stdout:
+            raise HostError(f"VM {name} already exists on this host ({self.vm_dir(name)})",
+                            argv=result.argv, returncode=result.returncode,
+                            hint="`mariner destroy` removes it")
+        output = result.stderr if result.stderr.strip() else result.stdout
+        message, key = explain_build_error(output)
+        raise NixBuildError(f"building VM {name} failed: {message}", nix_message=message,
+                            config_key=key, argv=result.argv,
+                            stderr_tail=runner.tail_lines(output),
+                            returncode=result.returncode,
+                            hint=f"check `{key}` in mariner.toml" if key else None)
+
+    # -- running --------------------------------------------------------------------------
+
+    def start(self, name: str) -> None:
+        directory = self.vm_dir(name)
+        if not os.path.lexists(directory / "current"):
+            raise HostError(f"VM {name} has not been built ({directory / 'current'} is missing)",
+                            hint="`mariner up` creates it")
+        runner.run("systemctl", ["start", unit_name(name)], privileged=True)
+
+    def stop(self, name: str, *, wait: bool = True, timeout: float = 120.0) -> None:
+        check_vm_name(name)
+        deadline = time.monotonic() + timeout
+        args = ["stop", unit_name(name)] if wait else ["stop", "--no-block", unit_name(name)]
+        runner.run("systemctl", args, privileged=True, timeout=timeout)
+        if wait:  # `systemctl stop` waits for the job; a unit can still be on its way down
+            self.wait_for_unit(name, ("inactive", "failed"),
+                               timeout=max(1.0, deadline - time.monotonic()))
+
+    def restart(self, name: str) -> None:
+        if self.status(name).unit == "inactive":
+            self.start(name)  # start() checks that the VM was built
+        else:
+            runner.run("systemctl", ["restart", unit_name(name)], privileged=True)
+
+    def wait_for_unit(self, name: str, states: Iterable[str], *, timeout: float) -> str:
+        """Poll the unit until its state is one of `states`; return it (HostError on timeout)."""
+        wanted = tuple(states)
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            unit = self.status(name).unit
+            if unit in wanted:
+                return unit
+            if time.monotonic() >= deadline:
+                raise HostError(f"VM {name} is still {unit} after {timeout:g} s "
+                                f"(waiting for {' or '.join(wanted)})")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    def destroy(self, name: str) -> None:
+        directory = self.vm_dir(name)
+        unit = self.status(name).unit
+        if unit in ("active", "activating", "deactivating"):
+            self.stop(name)
+            unit = self.status(name).unit
+        if unit == "failed":
+            runner.run("systemctl", ["reset-failed", unit_name(name)], privileged=True)
+        if directory.is_symlink() or directory.is_file():
+            runner.run("rm", ["-f", "--", str(directory)], privileged=True)
+        elif directory.exists():
+            runner.run("rm", ["-rf", "--one-file-system", "--", str(directory)], privileged=True)
+        roots = [gcroots_dir() / name, gcroots_dir() / f"booted-{name}"]
+        present = [str(root) for root in roots if os.path.lexists(root)]
+        if present:
+            runner.run("rm", ["-f", "--", *present], privileged=True)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def status(self, name: str) -> HostVmStatus:
+        return self.statuses([name])[name]
+
+    def statuses(self, names: Iterable[str]) -> dict[str, HostVmStatus]:
+        names = [check_vm_name(n) for n in names]
+        if not names:
+            return {}
+        units = [unit_name(n) for n in names]
+        result = runner.run("systemctl", ["show", "--property=" + ",".join(_SHOW_PROPERTIES),
+                                          *units])
+        blocks = _parse_show(result.stdout)
+        by_id = {block.get("Id"): block for block in blocks}
+        statuses = {}
+        for index, name in enumerate(names):
+            block = by_id.get(units[index]) or (blocks[index] if index < len(blocks) else {})
+            statuses[name] = self._status_from(name, block)
+        return statuses
+
+    def _status_from(self, name: str, show: dict[str, str]) -> HostVmStatus:
+        directory = self.vm_dir(name)
+        unit = show.get("ActiveState") or "inactive"
+        unit = _STATE_FOLD.get(unit, unit)
+        since = uptime = None
+        if unit == "active":
+            try:
+                entered = int(show.get("ActiveEnterTimestampMonotonic") or 0)
+            except ValueError:
+                entered = 0
+            if entered > 0:
+                uptime = max(0.0, time.monotonic() - entered / 1_000_000)
+                since = datetime.now(timezone.utc) - timedelta(seconds=uptime)
+        return HostVmStatus(
+            name=name, exists=directory.is_dir(), unit=unit,
+            flakeref=_read_text(directory / "flake"),
+            current=_readlink(directory / "current"), booted=_readlink(directory / "booted"),
+            since=since, uptime=uptime, substate=show.get("SubState", ""))
+
+    def logs(self, name: str, *, follow: bool = False, lines: int | None = None) -> Iterator[str]:
+        args = ["-u", unit_name(check_vm_name(name)), "--no-pager"]
+        if lines is not None:
+            args += ["-n", str(int(lines))]
+        if follow:
+            args.append("-f")
+        return runner.stream("journalctl", args)
+
+    def list_vms(self) -> list[str]:
+        try:
+            entries = list(os.scandir(self.microvms_dir))
+        except FileNotFoundError:
+            return []
+        except PermissionError:
+            raise HostError(f"cannot list {self.microvms_dir}: permission denied") from None
+        return sorted(e.name for e in entries
+                      if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
+
+    def exists(self, name: str) -> bool:
+        return self.vm_dir(name).is_dir()
+
+    def doctor_checks(self, network_mode: str | None = None):
+        from ..doctor import microvm_host_checks
+
+        return microvm_host_checks(network_mode)
