@@ -8,6 +8,7 @@ collected and reported at once, each naming file:line:col, the key path and what
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pwd
 import re
@@ -35,12 +36,16 @@ DEFAULT_PERSIST_MIB = 8192
 DEFAULT_NIX_STORE_MIB = 32768
 DEFAULT_DOCKER_MIB = 32768
 RESERVED_TAGS = {"ro-store", "workspace"}
+RESERVED_USERS = {"root", "nobody", "sshd", "messagebus", "nixbld"}
 MAX_TAG = 36          # virtiofs tags are at most 36 bytes
 MAX_IFNAME = 15       # Linux interface names
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 USER_MODE_IFACE = "mariner-user"
 
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTkmgt])?(i)?([Bb])?\s*$")
+# The same sizes as the schema's pattern: a unit is K/M/G/T, then an optional "i" and "B"
+# (all upper- or all lower-case); "B" alone is not a unit.
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(?:([KMGT])i?B?|([kmgt])i?b?)?\s*$")
+MAX_SIZE_MIB = 64 * 1024 * 1024   # 64 TiB: beyond any VM, and far inside Nix's 64-bit integers
 _UNIT = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
 
 
@@ -56,7 +61,7 @@ def parse_size_mib(value: int | str) -> int | None:
     match = _SIZE_RE.match(value)
     if not match:
         return None
-    number, unit = float(match.group(1)), (match.group(2) or "m").lower()
+    number, unit = float(match.group(1)), (match.group(2) or match.group(3) or "m").lower()
     mib = number * _UNIT[unit]
     if mib != int(mib):
         return None
@@ -113,16 +118,27 @@ class _Problems:
     def add(self, source: _Source, path: tuple, message: str, about_key: bool = False) -> None:
         line, col = (source.positions.of_key(path) if about_key
                      else source.positions.of_value(path))
+        if line is None:
+            # Nothing in the file to point at (e.g. a default that cannot be used): the
+            # problem concerns the file as a whole.
+            line, col = 1, 1
         self.items.append(ConfigProblem(str(source.file), line, col, _dotted(path), message))
 
 
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
 def _dotted(path: tuple) -> str:
+    """A key path as TOML spells it: vm.cpus, shares[1].target, env."NOT VALID"."""
     out = ""
     for part in path:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + str(part)
+            part = str(part)
+            if not _BARE_KEY.match(part):
+                part = json.dumps(part, ensure_ascii=False)
+            out += ("." if out else "") + part
     return out
 
 
@@ -135,7 +151,10 @@ def _read(file: Path, problems: _Problems) -> _Source | None:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        problems.items.append(ConfigProblem(str(file), None, None, "",
+        before = raw[:exc.start]
+        line = before.count(b"\n") + 1
+        col = exc.start - (before.rfind(b"\n") + 1) + 1
+        problems.items.append(ConfigProblem(str(file), line, col, "",
                                             f"not UTF-8 text (byte {exc.start})"))
         return None
     try:
@@ -209,14 +228,18 @@ def load_project(start: Path | None = None, *, project_dir: Path | None = None,
     def report(source: _Source, path: tuple, message: str, about_key: bool) -> None:
         problems.add(source, path, message, about_key)
         # The resolver treats a value the schema rejected as absent, so that it can still
-        # report the file's other problems in the same run.
-        cut = next((i for i, part in enumerate(path) if isinstance(part, int)), len(path))
+        # report the file's other problems in the same run. Inside an array only the bad
+        # element is dropped (a share, a port), so the other elements are still checked.
+        cut = next((i + 1 for i, part in enumerate(path) if isinstance(part, int)), len(path))
         poisoned.add((source.file, path[:cut]))
 
     for source in (project, user):
         if source is not None:
             validate(source.data, schema, (),
                      lambda path, msg, about_key, s=source: report(s, path, msg, about_key))
+            for path in _nul_strings(source.data, ()):
+                report(source, path, "contains a NUL character, which no path, name or Nix "
+                       "string can hold", False)
     if user is not None:
         _check_user_keys(user, problems)
     if project is None:
@@ -225,6 +248,18 @@ def load_project(start: Path | None = None, *, project_dir: Path | None = None,
     if problems.items:
         raise ConfigError(sorted(problems.items, key=_problem_order))
     return cfg
+
+
+def _nul_strings(value: Any, path: tuple) -> list[tuple]:
+    """Key paths of the strings (keys included) that contain a NUL character."""
+    if isinstance(value, str):
+        return [path] if "\0" in value else []
+    if isinstance(value, dict):
+        return [p for key, item in value.items()
+                for p in ([path + (key,)] if "\0" in key else _nul_strings(item, path + (key,)))]
+    if isinstance(value, list):
+        return [p for index, item in enumerate(value) for p in _nul_strings(item, path + (index,))]
+    return []
 
 
 def _problem_order(problem: ConfigProblem) -> tuple:
@@ -245,19 +280,36 @@ class _Resolver:
 
     # -- looking values up, remembering which file they came from --------------------------
     def get(self, *path: str, default: Any = None) -> Any:
+        return self._lookup(path, default)[1]
+
+    def _lookup(self, path: tuple, default: Any) -> tuple[_Source | None, Any]:
         for source in (self.project, self.user):
             if source is None:
                 continue
             if any((source.file, path[:i]) in self.poisoned for i in range(1, len(path) + 1)):
-                return default
+                return None, default
             node: Any = source.data
             for part in path:
                 if not isinstance(node, dict) or part not in node:
                     break
                 node = node[part]
             else:
-                return node
-        return default
+                return source, node
+        return None, default
+
+    def rejected(self, *path: str) -> bool:
+        """True when a file sets `path` but the schema rejected the value."""
+        return any((source.file, path[:i]) in self.poisoned
+                   for source in (self.project, self.user) if source is not None
+                   for i in range(1, len(path) + 1))
+
+    def elements(self, *path: str) -> list[tuple[int, Any]]:
+        """(index, element) of the array at `path`, without the elements the schema rejected."""
+        source, items = self._lookup(path, None)
+        if source is None or not isinstance(items, list):
+            return []
+        return [(index, item) for index, item in enumerate(items)
+                if (source.file, path + (index,)) not in self.poisoned]
 
     def source_of(self, *path: Any) -> _Source:
         top = [p for p in path if isinstance(p, str)][:2]
@@ -294,6 +346,11 @@ class _Resolver:
         network = self.network(vm)
         workspace = self.get("workspace", "mount") or f"/workspaces/{vm.name}"
         workspace = _norm_guest(workspace)
+        if workspace == "/":
+            self.error(("workspace", "mount"), "cannot mount the project over the guest's root "
+                       "directory; choose a directory such as /workspaces/<name>")
+        elif _overlaps(workspace, "/nix"):
+            self.error(("workspace", "mount"), f"{workspace} overlaps /nix, which nix-mariner mounts")
         shares = self.shares(workspace)
         ports = self.ports(network)
         return m.ProjectConfig(
@@ -328,6 +385,8 @@ class _Resolver:
             return default
         if mib < minimum:
             self.error(key, f"{describe(raw)} is less than the minimum {minimum} MiB")
+        elif mib > MAX_SIZE_MIB:
+            self.error(key, f"{describe(raw)} is more than the maximum {MAX_SIZE_MIB} MiB (64 TiB)")
         return mib
 
     def vm(self) -> m.VmSettings:
@@ -342,12 +401,16 @@ class _Resolver:
         memory = self.size(("vm", "memory"), DEFAULT_MEMORY_MIB, MIN_MEMORY_MIB)
         if self.get("vm", "memory") is not None and memory < MIN_MEMORY_MIB:
             pass  # reported by size()
+        user = self.get("vm", "user", default=m.DEFAULT_USER)
+        if user in RESERVED_USERS:
+            self.error(("vm", "user"), f"{describe(user)} is a system account in the guest; "
+                       f"choose another name (default \"{m.DEFAULT_USER}\")")
         return m.VmSettings(
             name=name,
             cpus=self.get("vm", "cpus", default=DEFAULT_CPUS),
             memory_mib=memory,
             hypervisor=self.get("vm", "hypervisor", default=m.DEFAULT_HYPERVISOR),
-            user=self.get("vm", "user", default=m.DEFAULT_USER),
+            user=user,
             cid=self.get("vm", "cid"),
             uid=self.get("vm", "uid", default=default_uid()),
             gid=self.get("vm", "gid", default=m.DEFAULT_GID),
@@ -362,7 +425,7 @@ class _Resolver:
             self.error(key, f'user-mode networking works only with hypervisor "qemu" '
                        f'(microvm.nix forwards the SSH port through qemu); '
                        f'use network.mode = "bridge" or hypervisor = "qemu"')
-        if ssh_port is not None and mode != "user":
+        if ssh_port is not None and mode != "user" and not self.rejected("network", "mode"):
             self.error(("network", "ssh_port"), 'only used with network.mode = "user"; '
                        'in bridge mode SSH listens on 10.0.0.<cid>:22')
         if iface is not None:
@@ -380,7 +443,7 @@ class _Resolver:
         out: list[m.Share] = []
         targets: dict[str, int] = {}
         tags: dict[str, int] = {"workspace": -1, "ro-store": -1}
-        for index, entry in enumerate(self.get("shares") or []):
+        for index, entry in self.elements("shares"):
             key = ("shares", index)
             source = self.path_value(entry["source"], key + ("source",))
             if not source.exists():
@@ -390,7 +453,7 @@ class _Resolver:
             target = _norm_guest(entry["target"])
             if target == "/":
                 self.error(key + ("target",), "cannot mount over the guest's root directory")
-            if target in targets:
+            elif target in targets:
                 self.error(key + ("target",),
                            f"{target} is already the target of shares[{targets[target]}]")
             elif _overlaps(target, workspace):
@@ -417,7 +480,7 @@ class _Resolver:
 
     def nix(self) -> m.NixSettings:
         modules = []
-        for index, raw in enumerate(self.get("nix", "modules") or []):
+        for index, raw in self.elements("nix", "modules"):
             key = ("nix", "modules", index)
             path = self.path_value(raw, key)
             if not path.exists():
@@ -428,7 +491,7 @@ class _Resolver:
                 self.error(key, f"{path} is not a .nix file")
             modules.append(path)
         return m.NixSettings(
-            packages=tuple(self.get("nix", "packages") or ()),
+            packages=tuple(item for _, item in self.elements("nix", "packages")),
             modules=tuple(modules),
             mariner=self.get("nix", "mariner") or DEFAULT_MARINER_FLAKE,
         )
@@ -436,7 +499,7 @@ class _Resolver:
     def ports(self, network: m.NetworkSettings) -> tuple[m.PortForward, ...]:
         out: list[m.PortForward] = []
         seen: dict[int, int] = {}
-        for index, raw in enumerate(self.get("ports", "forward") or []):
+        for index, raw in self.elements("ports", "forward"):
             key = ("ports", "forward", index)
             if isinstance(raw, int):
                 host = guest = raw
@@ -459,7 +522,7 @@ class _Resolver:
     def dotfiles(self) -> m.DotfilesSettings:
         def home_paths(name: str) -> tuple[Path, ...]:
             out = []
-            for index, raw in enumerate(self.get("dotfiles", name) or []):
+            for index, raw in self.elements("dotfiles", name):
                 key = ("dotfiles", name, index)
                 path = self.path_value(raw, key, base=self.home)
                 if not _inside(path, self.home):

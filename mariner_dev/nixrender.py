@@ -219,6 +219,18 @@ def render_flake(cfg: m.ProjectConfig, *, cid: int, ssh_port: int | None,
 def write_flake(rendered: RenderedFlake, directory: Path) -> Path:
     """Write the flake directory so that it is always either the old or the new one."""
     directory = Path(directory).absolute()
+    if directory.exists() and not directory.is_dir():
+        raise MarinerError(f"cannot write the flake to {directory}: it is not a directory",
+                           exit_code=2)
+    try:
+        return _write_flake(rendered, directory)
+    except OSError as exc:
+        where = exc.filename or directory
+        raise MarinerError(f"cannot write the flake to {directory}: {where}: "
+                           f"{exc.strerror or exc}") from None
+
+
+def _write_flake(rendered: RenderedFlake, directory: Path) -> Path:
     if directory.is_dir() and _same_content(directory, rendered.files):
         return directory
     directory.parent.mkdir(parents=True, exist_ok=True)

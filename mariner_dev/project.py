@@ -111,19 +111,63 @@ def init_text(directory: Path, template: str | None = None) -> str:
 class InitResult:
     path: Path
     template: str | None
+    created: tuple[Path, ...] = ()   # files and directories copied from the template
+
+
+def _template_support(template: str) -> list[str]:
+    """The project-relative paths a template's mariner.toml refers to (modules, share sources),
+    so that the new project validates as the example does."""
+    import tomllib
+
+    root = examples_dir() / template
+    data = tomllib.loads((root / CONFIG_NAME).read_text())
+    refs = list(data.get("nix", {}).get("modules", []))
+    refs += [share.get("source", "") for share in data.get("shares", [])]
+    out = []
+    for ref in refs:
+        if not ref or ref.startswith(("/", "~")):
+            continue
+        source = (root / ref).resolve()
+        if source.is_relative_to(root.resolve()) and source.exists():
+            out.append(ref)
+    return out
+
+
+def _copy_support(template: str, directory: Path) -> tuple[Path, ...]:
+    """Copy what the template refers to into `directory`, never overwriting anything."""
+    import shutil
+
+    root = examples_dir() / template
+    created = []
+    for ref in _template_support(template):
+        source, target = root / ref, directory / ref
+        if target.exists() or target.is_symlink():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target)
+        else:
+            shutil.copy2(source, target)
+        created.append(target)
+    return tuple(created)
 
 
 def init_project(directory: Path, template: str | None = None, force: bool = False) -> InitResult:
-    """Write a commented mariner.toml in `directory`; refuse to overwrite unless forced."""
+    """Write a commented mariner.toml in `directory`; refuse to overwrite unless forced.
+
+    With a template, the files its config refers to (extra modules, share directories) are
+    copied too when missing, so the new project validates at once.
+    """
     directory = Path(directory).absolute()
     if not directory.is_dir():
         raise UsageError(f"{directory} is not a directory")
     target = directory / CONFIG_NAME
+    text = init_text(directory, template)   # an unknown template is bad usage (2) first
     if target.exists() and not force:
         raise MarinerError(f"{target} already exists; use --force to overwrite it")
-    text = init_text(directory, template)
+    created = _copy_support(template, directory) if template else ()
     write_atomic(target, text)
-    return InitResult(path=target, template=template)
+    return InitResult(path=target, template=template, created=created)
 
 
 @dataclass(frozen=True)

@@ -137,20 +137,34 @@ def _unknown_key(key: str, known: list[str]) -> str:
     return f"unknown key `{key}`"
 
 
+# What a value that fails a key's `pattern` should have been, by key path ("*": an element).
+_PATTERN_HINTS = {
+    "vm.name": 'is not a valid VM name: lower-case letters, digits and "-", at most 63 '
+               'characters, starting and ending with a letter or digit (e.g. "api")',
+    "vm.user": 'is not a valid user name: lower-case letters, digits, "_" and "-", at most 32 '
+               'characters, not starting with a digit or "-" (e.g. "vm")',
+    "network.interface": 'is not a valid interface id: letters, digits, "_", "." and "-" '
+                         '(e.g. "microvm-api")',
+    "shares.*.tag": 'is not a valid virtiofs tag: 1 to 36 letters, digits, "_", "." or "-"',
+    "nix.packages.*": 'is not a nixpkgs attribute path (e.g. "ripgrep" or '
+                      '"python312Packages.pip")',
+    "nix.mariner": 'is not a flake reference (e.g. "github:mksafavi/nix-mariner/<rev>")',
+    "ports.forward.*": 'is not a port or "HOST:GUEST" (e.g. 8000 or "15432:5432")',
+}
+
+
 def _pattern_hint(path: tuple, schema: dict) -> str:
-    desc = schema.get("description", "")
     examples = schema.get("examples")
     example = f" (e.g. {json.dumps(examples[0])})" if examples and isinstance(examples[0], str) else ""
     leaf = next((p for p in reversed(path) if isinstance(p, str)), "")
+    key = ".".join("*" if isinstance(p, int) else str(p) for p in path)
+    if key in _PATTERN_HINTS:
+        return _PATTERN_HINTS[key]
     if schema.get("pattern") == "^/":
         return f"must be an absolute path{example}"
     if leaf in ("memory", "persist", "nix_store", "docker"):
         return 'is not a size (try "8GiB" or 8192)'
-    if leaf == "forward" or (path and isinstance(path[-1], int) and "forward" in path):
-        return 'is not a port or "HOST:GUEST"'
-    if desc:
-        return f"is not valid here: {desc.split('.')[0].lower()}{example}"
-    return f"does not match {schema['pattern']}"
+    return f"does not match the pattern {schema['pattern']}{example}"
 
 
 def walk_keywords(schema: Any) -> Iterator[str]:

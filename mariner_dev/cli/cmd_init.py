@@ -21,4 +21,6 @@ def init(
     ctx = context()
     result = init_project(directory or ctx.project or Path.cwd(), template, force)
     ctx.err.print(f"Wrote {result.path}")
+    for path in result.created:
+        ctx.err.print(f"Copied {path} from the {result.template} template")
     ctx.err.print("Next: edit it, then `mariner validate` and `mariner up`.")

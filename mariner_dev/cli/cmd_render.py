@@ -12,7 +12,7 @@ from .app import ProjectOpt, app, context
 def render(
     project: ProjectOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the flake here "
-                   "(default: MARINER_HOME/vms/<name>/flake).", file_okay=False)] = None,
+                   "(default: MARINER_HOME/vms/<name>/flake).")] = None,
 ) -> None:
     """Write the VM flake for this project and print its directory."""
     from ..project import render_project
