@@ -1,0 +1,414 @@
+"""`mariner exec` without typer: parse, resolve the project, hand the command to the guest.
+
+    mariner exec [-i] [-t|-T] [-e K=V]... [--env-file F] [-w DIR] [-u USER] [-C DIR] [-v]
+                 [--trust-new-host-key] -- CMD [ARGS...]
+
+The CLI edge dispatches here before importing typer; when the agent serves the call nothing
+heavier than the standard library's tomllib is imported (no asyncssh, typer, rich, tomlkit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .errors import MarinerError
+
+CONFIG_NAME = "mariner.toml"
+CACHE_VERSION = 1
+
+USAGE = """\
+usage: mariner exec [-i] [-t|-T] [-e K=V]... [--env-file FILE] [-w DIR] [-u USER]
+                    [-C DIR] [-v] [--trust-new-host-key] -- CMD [ARGS...]
+
+Run a command in the project's VM, in the guest path of the current directory.
+
+  -i, --interactive      stream stdin (the default when stdin is not a terminal)
+  -t, --tty              allocate a TTY (default: when stdin and stdout are terminals)
+  -T, --no-tty           never allocate a TTY
+  -e, --env K=V          set an environment variable (K alone: take it from here)
+  --env-file FILE        read K=V lines from FILE
+  -w, --workdir DIR      working directory in the guest (default: mapped from here)
+  -u, --user USER        run as USER (through sudo in the guest)
+  -C, --project DIR      the project directory (default: found from here upwards)
+  -v, --verbose          say which path (agent or direct connection) served the call
+  --trust-new-host-key   accept and pin the VM's current host key
+"""
+
+
+class ExecOptions:
+    """Parsed `exec` options (a plain class: the fast path does not import dataclasses)."""
+
+    def __init__(self, argv=None, interactive=False, tty=None, env=None, env_files=None,
+                 workdir=None, user=None, project=None, verbose=0, trust_new=False):
+        self.argv: list[str] = list(argv or [])
+        self.interactive = interactive
+        self.tty: bool | None = tty
+        self.env: list[str] = list(env or [])
+        self.env_files: list[str] = list(env_files or [])
+        self.workdir: str | None = workdir
+        self.user: str | None = user
+        self.project: str | None = project
+        self.verbose = verbose
+        self.trust_new = trust_new
+
+
+def _usage_error(message: str) -> Exception:
+    from .errors import UsageError
+
+    return UsageError(message)
+
+
+_FLAGS = {"-i": "interactive", "--interactive": "interactive", "-t": "tty", "--tty": "tty",
+          "-T": "no_tty", "--no-tty": "no_tty", "-v": "verbose", "--verbose": "verbose",
+          "--trust-new-host-key": "trust_new", "-h": "help", "--help": "help"}
+_VALUED = {"-e": "env", "--env": "env", "--env-file": "env_file", "-w": "workdir",
+           "--workdir": "workdir", "-u": "user", "--user": "user", "-C": "project",
+           "--project": "project"}
+
+
+class _Help(Exception):
+    pass
+
+
+def _apply(opts: ExecOptions, name: str, value: str | None = None) -> None:
+    if name == "help":
+        raise _Help
+    if name == "interactive":
+        opts.interactive = True
+    elif name == "tty":
+        opts.tty = True
+    elif name == "no_tty":
+        opts.tty = False
+    elif name == "verbose":
+        opts.verbose += 1
+    elif name == "trust_new":
+        opts.trust_new = True
+    elif name == "env":
+        opts.env.append(value)
+    elif name == "env_file":
+        opts.env_files.append(value)
+    else:
+        setattr(opts, name, value)
+
+
+def parse_args(args: list[str]) -> ExecOptions:
+    """Options up to `--` or the first non-option; everything after is the command, verbatim."""
+    opts = ExecOptions()
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            opts.argv = args[i + 1:]
+            break
+        if not arg.startswith("-") or arg == "-":
+            opts.argv = args[i:]
+            break
+        if arg.startswith("--"):
+            key, eq, value = arg.partition("=")
+            if key in _VALUED:
+                if not eq:
+                    i += 1
+                    if i >= len(args):
+                        raise _usage_error(f"exec: {key} needs a value")
+                    value = args[i]
+                _apply(opts, _VALUED[key], value)
+            elif key in _FLAGS and not eq:
+                _apply(opts, _FLAGS[key])
+            else:
+                raise _usage_error(f"exec: unknown option {arg} (see `mariner exec --help`)")
+        else:
+            # Short options, possibly bundled (-it) or with an attached value (-eK=V).
+            j = 1
+            while j < len(arg):
+                short = "-" + arg[j]
+                if short in _VALUED:
+                    value = arg[j + 1:]
+                    if not value:
+                        i += 1
+                        if i >= len(args):
+                            raise _usage_error(f"exec: {short} needs a value")
+                        value = args[i]
+                    _apply(opts, _VALUED[short], value)
+                    break
+                if short not in _FLAGS:
+                    raise _usage_error(f"exec: unknown option {short} (see `mariner exec --help`)")
+                _apply(opts, _FLAGS[short])
+                j += 1
+        i += 1
+    if not opts.argv:
+        raise _usage_error("exec: no command given (usage: mariner exec [OPTIONS] -- CMD [ARGS...])")
+    return opts
+
+
+def _env_pair(item: str, origin: str) -> tuple[str, str]:
+    from .remote.command import check_env_name
+
+    key, eq, value = item.partition("=")
+    if not eq:
+        if key not in os.environ:
+            return key, None  # docker: a bare name that is unset here is skipped
+        value = os.environ[key]
+    if not check_env_name(key):
+        raise _usage_error(f"{origin}: {key!r} is not a valid environment variable name")
+    return key, value
+
+
+def collect_env(base: dict[str, str], opts: ExecOptions) -> dict[str, str]:
+    """[env] from mariner.toml, then --env-file files in order, then -e: later wins."""
+    env = dict(base)
+    for file in opts.env_files:
+        try:
+            with open(file, encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError as exc:
+            raise _usage_error(f"--env-file {file}: {exc.strerror}") from None
+        for number, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith("export "):
+                line = line[len("export "):].lstrip()
+            key, value = _env_pair(line, f"{file}:{number}")
+            if value is not None:
+                env[key] = value
+    for item in opts.env:
+        key, value = _env_pair(item, "-e")
+        if value is not None:
+            env[key] = value
+    return env
+
+
+def guest_workdir(project_dirs: list[str], mount: str, workdir: str | None,
+                  cwd: str | None = None) -> str:
+    """-w (relative to the mapped directory when not absolute), else the mapped cwd.
+
+    The current directory maps into the workspace mount when it lies inside the project
+    (checked with both the logical $PWD and the physical path); else the mount itself.
+    """
+    cwd = cwd or os.getcwd()
+    candidates = []
+    logical = os.environ.get("PWD")
+    if logical and os.path.isabs(logical) and logical != cwd:
+        try:
+            if os.path.samefile(logical, cwd):
+                candidates.append(logical)
+        except OSError:
+            pass
+    candidates.append(cwd)
+    mapped = mount
+    for path in candidates:
+        rel = next((os.path.relpath(path, root) for root in project_dirs
+                    if path == root or path.startswith(root.rstrip("/") + "/")), None)
+        if rel is not None:
+            mapped = mount if rel == "." else mount.rstrip("/") + "/" + rel
+            break
+    if workdir:
+        if workdir.startswith("/"):
+            return workdir
+        return mapped.rstrip("/") + "/" + workdir
+    return mapped
+
+
+def _find_config(project: str | None) -> str | None:
+    if project:
+        path = os.path.join(os.path.abspath(project), CONFIG_NAME)
+        return path if os.path.isfile(path) else None
+    directory = os.getcwd()
+    while True:
+        path = os.path.join(directory, CONFIG_NAME)
+        if os.path.isfile(path):
+            return path
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return None
+        directory = parent
+
+
+def _stamp(path: str | None):
+    if not path:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_mtime_ns, st.st_size, st.st_ino]
+
+
+def _cache_file(config_file: str) -> str:
+    from .paths import runtime_dir
+
+    key = config_file.replace("%", "%25").replace("/", "%2F")
+    if len(key) > 200:
+        import hashlib
+
+        key = hashlib.sha256(config_file.encode()).hexdigest()
+    return os.path.join(str(runtime_dir()), "exec-cache", key + ".json")
+
+
+class CachedTarget:
+    """Stands in for a GuestTarget on the fast path (name, fingerprint, its JSON)."""
+
+    __slots__ = ("name", "user", "_fingerprint", "_data")
+
+    def __init__(self, data: dict, fingerprint: str):
+        self.name = data["name"]
+        self.user = data["user"]
+        self._data = data
+        self._fingerprint = fingerprint
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def to_json(self) -> dict:
+        return self._data
+
+
+def resolve_project(project: str | None) -> dict:
+    """What exec needs from mariner.toml and the registry, cached in the runtime directory.
+
+    The cache entry is valid while mariner.toml, the per-user config and the registry are
+    unchanged (mtime, size, inode); otherwise the full loader runs and refreshes it.
+    """
+    from .paths import user_config_file
+
+    config_file = _find_config(project)
+    cache = _cache_file(config_file) if config_file else None
+    if cache:
+        try:
+            with open(cache) as fh:
+                data = json.load(fh)
+            stamps = [_stamp(config_file), _stamp(str(user_config_file())),
+                      _stamp(data.get("registry"))]
+            if data.get("version") == CACHE_VERSION and data.get("stamps") == stamps:
+                return data
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    data = _resolve_slow(project)
+    if cache and data["config_file"] == config_file:
+        _write_cache(cache, data)
+    return data
+
+
+def _resolve_slow(project: str | None) -> dict:
+    from pathlib import Path
+
+    from .config import load_project
+    from .errors import GuestUnreachable
+    from .paths import user_config_file
+    from .remote.target import target_for
+    from .state import Registry
+
+    cfg = load_project(project_dir=Path(project)) if project else load_project()
+    registry = Registry()
+    record = registry.get(cfg.name)
+    if record is None:
+        raise GuestUnreachable(f"VM {cfg.name} does not exist yet; run `mariner up`")
+    target = target_for(cfg, record)
+    dirs = [str(cfg.project_dir)]
+    real = os.path.realpath(cfg.project_dir)
+    if real not in dirs:
+        dirs.append(real)
+    config_file = str(cfg.config_file)
+    return {
+        "version": CACHE_VERSION,
+        "stamps": [_stamp(config_file), _stamp(str(user_config_file())),
+                   _stamp(str(registry.file))],
+        "registry": str(registry.file),
+        "config_file": config_file,
+        "name": cfg.name,
+        "project_dirs": dirs,
+        "mount": cfg.workspace_mount,
+        "env": dict(cfg.env),
+        "target": target.to_json(),
+        "fingerprint": target.fingerprint(),
+    }
+
+
+def _write_cache(path: str, data: dict) -> None:
+    try:
+        directory = os.path.dirname(path)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a cache that cannot be written only costs speed
+
+
+def run(opts: ExecOptions, *, fds=(0, 1, 2)) -> int:
+    """Run `opts.argv` in the project's VM; returns the status to exit with."""
+    from .remote.command import ExecRequest, build_command
+    from .remote.dispatch import execute
+    from .remote.terminal import want_tty, window_size
+
+    data = resolve_project(opts.project)
+    target = CachedTarget(data["target"], data["fingerprint"])
+    env = collect_env(data["env"], opts)
+    workdir = guest_workdir(data["project_dirs"], data["mount"], opts.workdir)
+    user = opts.user if opts.user and opts.user != target.user else None
+    tty = want_tty(opts.tty)
+    stdin = opts.interactive or tty or not os.isatty(0)
+    cols, rows = window_size(1) if tty else (0, 0)
+    request = ExecRequest(build_command(opts.argv, workdir=workdir, env=env, user=user),
+                          tty=tty, stdin=stdin,
+                          term=(os.environ.get("TERM") or "xterm-256color") if tty else None,
+                          cols=cols, rows=rows)
+    return execute(target, request, fds=fds, trust_new=opts.trust_new,
+                   verbose=bool(opts.verbose))
+
+
+def print_error(exc: "MarinerError") -> None:
+    """The edge's one-line format, without importing the typer app."""
+    lines = str(exc).splitlines() or [""]
+    if len(lines) == 1:
+        sys.stderr.write(f"mariner: error: {lines[0]}\n")
+    else:
+        sys.stderr.write("mariner: error:\n" + "".join(f"  {line}\n" for line in lines))
+    if exc.hint:
+        sys.stderr.write(f"  hint: {exc.hint}\n")
+
+
+def _as_mariner_error(exc: BaseException):
+    """`exc` if it is a MarinerError. mariner_dev.errors imports dataclasses, so the fast path
+    only looks at it when something was raised (it is loaded by whoever raised one)."""
+    errors = sys.modules.get(f"{__package__}.errors")
+    return exc if errors is not None and isinstance(exc, errors.MarinerError) else None
+
+
+def main(argv: list[str]) -> int:
+    """Entry point for `mariner exec ARGS`; returns the exit status."""
+    try:
+        opts = parse_args(argv)
+    except _Help:
+        sys.stdout.write(USAGE)
+        return 0
+    except Exception as exc:
+        if _as_mariner_error(exc) is None:
+            raise
+        print_error(exc)
+        return exc.exit_code
+    try:
+        return run(opts)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if _as_mariner_error(exc) is None:
+            raise
+        print_error(exc)
+        # exec passes statuses through, so its own failures are 125 unless it is bad usage.
+        return exc.exit_code if exc.exit_code == 2 else 125
+    finally:
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,364 @@
+"""The per-VM background agent: one authenticated SSH connection, served over a Unix socket.
+
+Run as `python -m mariner_dev.remote.agent TARGET_JSON` (remote.client.spawn_agent does).
+The agent holds an exclusive flock on `<socket>.lock` for its whole life, so liveness is
+checked without talking to it; it binds its socket (0600, in the 0700 runtime dir) before the
+slow asyncssh import, so clients can reach it at once. It answers a client of another build
+or for another target with "stale" and exits, reconnects when the guest restarts, and exits
+when the VM is no longer in mariner's registry or has been unreachable for a long time.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import errno
+import fcntl
+import json
+import os
+import signal
+import socket
+import sys
+import time
+
+from .. import paths
+from . import proto
+from .client import lock_path, socket_path
+from .target import GuestTarget
+
+GIVE_UP_AFTER = 600.0        # seconds unreachable with nothing to serve
+WATCH_INTERVAL = 5.0
+KEEPALIVE = 5.0
+CONNECT_WAIT = 30.0          # how long an exec waits for the connection (VM booting)
+
+
+def log(message: str) -> None:
+    sys.stderr.write(f"{time.strftime('%H:%M:%S')} agent[{os.getpid()}]: {message}\n")
+    sys.stderr.flush()
+
+
+class Agent:
+    def __init__(self, target: GuestTarget, listener: socket.socket):
+        self.target = target
+        self.listener = listener
+        self.build = proto.build_hash()
+        self.fingerprint = target.fingerprint()
+        self.conn = None
+        self.connected = asyncio.Event()
+        self.kick = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self.last_error = "not connected yet"
+        self.unreachable_since: float | None = None
+        self.active = 0
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(signum, self.stopping.set)
+        self.listener.setblocking(False)
+        tasks = [asyncio.create_task(self._accept_loop()),
+                 asyncio.create_task(self._keep_connected()),
+                 asyncio.create_task(self._watch())]
+        await self.stopping.wait()
+        for task in tasks:
+            task.cancel()
+        if self.conn is not None:
+            self.conn.close()
+        log("stopping")
+
+    # -- the connection -------------------------------------------------------------------
+    async def _keep_connected(self) -> None:
+        from ..errors import GuestUnreachable
+        from . import session
+        from .trust import HostKeyMismatch, NotPinned
+
+        delay = 0.2
+        while not self.stopping.is_set():
+            try:
+                conn = await session.connect(self.target, keepalive=KEEPALIVE)
+            except GuestUnreachable as exc:
+                self.last_error = exc.message
+                if self.unreachable_since is None:
+                    self.unreachable_since = time.monotonic()
+                # A wrong host key will not fix itself: retry only when asked.
+                wait = 30.0 if isinstance(exc, (HostKeyMismatch, NotPinned)) else delay
+                delay = min(delay * 2, 5.0)
+                self.kick.clear()
+                try:
+                    await asyncio.wait_for(self.kick.wait(), wait)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            delay = 0.2
+            self.unreachable_since = None
+            self.conn = conn
+            self.connected.set()
+            log(f"connected to {self.target.describe()}")
+            await conn.wait_closed()
+            self.connected.clear()
+            self.conn = None
+            self.last_error = f"lost the connection to VM {self.target.name}"
+            log("connection closed; reconnecting")
+
+    async def get_conn(self):
+        from ..errors import GuestUnreachable
+
+        if self.conn is not None and self.connected.is_set():
+            return self.conn
+        self.kick.set()
+        try:
+            await asyncio.wait_for(self.connected.wait(), CONNECT_WAIT)
+        except asyncio.TimeoutError:
+            raise GuestUnreachable(self.last_error) from None
+        return self.conn
+
+    async def _watch(self) -> None:
+        """Exit when the VM is gone from the registry, or unreachable for too long."""
+        from ..state import Registry
+
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            try:
+                gone = Registry().get(self.target.name) is None
+            except Exception:  # a registry being rewritten is not a reason to exit
+                gone = False
+            if gone:
+                log(f"VM {self.target.name} is no longer registered; exiting")
+                self.stopping.set()
+                return
+            since = self.unreachable_since
+            if since is not None and not self.active and time.monotonic() - since > GIVE_UP_AFTER:
+                log(f"VM {self.target.name} unreachable for {GIVE_UP_AFTER:g}s; exiting")
+                self.stopping.set()
+                return
+
+    # -- clients --------------------------------------------------------------------------
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            csock, _ = await loop.sock_accept(self.listener)
+            asyncio.create_task(self._client(csock))
+
+    async def _recv_hello(self, csock: socket.socket) -> tuple[dict, list[int]]:
+        loop = asyncio.get_running_loop()
+        buf, fds = b"", []
+        fd_space = socket.CMSG_SPACE(3 * array.array("i").itemsize)
+        while True:
+            waiter = loop.create_future()
+            loop.add_reader(csock.fileno(), lambda: waiter.done() or waiter.set_result(None))
+            try:
+                await asyncio.wait_for(waiter, 10.0)
+            finally:
+                loop.remove_reader(csock.fileno())
+            data, ancdata, _flags, _addr = csock.recvmsg(1 << 16, fd_space)
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    arr = array.array("i")
+                    arr.frombytes(payload[:len(payload) - len(payload) % arr.itemsize])
+                    fds.extend(arr)
+            if not data:
+                raise EOFError
+            buf += data
+            if len(buf) >= proto.HEADER_SIZE:
+                kind, length = proto.parse_header(buf[:proto.HEADER_SIZE])
+                if kind != proto.HELLO:
+                    raise ValueError("expected HELLO")
+                if len(buf) >= proto.HEADER_SIZE + length:
+                    body = buf[proto.HEADER_SIZE:proto.HEADER_SIZE + length]
+                    return json.loads(body), fds
+
+    async def _send(self, csock: socket.socket, kind: bytes, body: dict) -> None:
+        await asyncio.get_running_loop().sock_sendall(
+            csock, proto.frame(kind, json.dumps(body).encode()))
+
+    async def _client(self, csock: socket.socket) -> None:
+        fds: list[int] = []
+        csock.setblocking(False)
+        try:
+            try:
+                hello, fds = await self._recv_hello(csock)
+            except (EOFError, ValueError, OSError, asyncio.TimeoutError):
+                return
+            if hello.get("proto") != proto.PROTO or hello.get("build") != self.build \
+                    or hello.get("target") != self.fingerprint:
+                await self._send(csock, proto.ERROR, {
+                    "kind": "stale", "message": "the running agent is from another build of "
+                    "mariner or for another address of the VM"})
+                log("a client of another build/target asked; stepping down")
+                self.stopping.set()
+                return
+            op = hello.get("op")
+            if op == "ping":
+                await self._send(csock, proto.READY, {
+                    "pid": os.getpid(), "build": self.build,
+                    "connected": self.connected.is_set()})
+            elif op == "exec":
+                await self._exec(csock, hello.get("request") or {}, fds)
+                fds = []
+            else:
+                await self._send(csock, proto.ERROR, {"kind": "bad",
+                                                      "message": f"unknown op {op!r}"})
+        except OSError as exc:
+            log(f"client error: {exc}")
+        finally:
+            for fd in fds:
+                os.close(fd)
+            csock.close()
+
+    async def _start(self, request, stdio):
+        """Open the session, reconnecting once if the held connection turns out dead."""
+        import asyncssh
+
+        from .session import RemoteProcess, connect
+
+        for attempt in (1, 2):
+            conn = await self.get_conn()
+            proc = RemoteProcess(conn, request, stdio, self.target.name)
+            try:
+                await proc.start()
+                return proc, None
+            except asyncssh.ChannelOpenError:
+                if not conn.is_closed():
+                    # The guest refused another session on this connection (MaxSessions):
+                    # this command gets a connection of its own.
+                    extra = await connect(self.target)
+                    proc = RemoteProcess(extra, request, stdio, self.target.name)
+                    await proc.start()
+                    return proc, extra
+            except (asyncssh.Error, OSError, ConnectionError):
+                if attempt == 2:
+                    raise
+            # The held connection died under us (VM restarted): wait for the new one.
+            if self.conn is conn:
+                conn.close()
+                self.connected.clear()
+                self.conn = None
+            await asyncio.sleep(0.05)
+        raise RuntimeError("unreachable")
+
+    async def _exec(self, csock: socket.socket, body: dict, fds: list[int]) -> None:
+        from ..errors import GuestUnreachable
+        from .command import ExecRequest
+
+        request = ExecRequest.from_json(body)
+        if len(fds) == 3:
+            stdio = (fds[0], fds[1], fds[2])
+        elif len(fds) == 2:
+            stdio = (None, fds[0], fds[1])
+        else:
+            await self._send(csock, proto.ERROR, {"kind": "bad", "message": "no stdio passed"})
+            for fd in fds:
+                os.close(fd)
+            return
+        self.active += 1
+        extra = None
+        try:
+            try:
+                proc, extra = await self._start(request, stdio)
+            except GuestUnreachable as exc:
+                await self._send(csock, proto.ERROR, {"kind": "unreachable",
+                                                      "message": exc.message})
+                return
+            except Exception as exc:  # noqa: BLE001 - reported to the client, not lost
+                await self._send(csock, proto.ERROR, {
+                    "kind": "unreachable",
+                    "message": f"cannot start the command on VM {self.target.name}: {exc}"})
+                return
+            await self._send(csock, proto.READY, {"pid": os.getpid(), "build": self.build})
+            control = asyncio.create_task(self._control(csock, proc))
+            outcome = await proc.wait()
+            control.cancel()
+            # Our copies of the client's stdio must close before it learns the status, so
+            # that a pipe reader behind its stdout sees EOF when the client exits.
+            for fd in fds:
+                os.close(fd)
+            fds.clear()
+            try:
+                await self._send(csock, proto.EXIT, {"status": outcome.status,
+                                                     "message": outcome.message})
+            except OSError:
+                pass
+        finally:
+            self.active -= 1
+            for fd in fds:
+                os.close(fd)
+            if extra is not None:
+                extra.close()
+
+    async def _control(self, csock: socket.socket, proc) -> None:
+        """Signals and window sizes from the client; its hang-up hangs up the command."""
+        loop = asyncio.get_running_loop()
+        buf = b""
+        while True:
+            try:
+                data = await loop.sock_recv(csock, 4096)
+            except OSError:
+                data = b""
+            if not data:
+                proc.abandon()
+                return
+            buf += data
+            while len(buf) >= proto.HEADER_SIZE:
+                kind, length = proto.parse_header(buf[:proto.HEADER_SIZE])
+                if len(buf) < proto.HEADER_SIZE + length:
+                    break
+                payload = buf[proto.HEADER_SIZE:proto.HEADER_SIZE + length]
+                buf = buf[proto.HEADER_SIZE + length:]
+                if kind == proto.SIGNAL:
+                    proc.signal(payload.decode("ascii", "replace"))
+                elif kind == proto.RESIZE:
+                    size = json.loads(payload)
+                    proc.resize(int(size["cols"]), int(size["rows"]))
+
+
+def _take_lock(name: str) -> int | None:
+    fd = os.open(lock_path(name), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return None
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def main(argv: list[str]) -> int:
+    target = GuestTarget.from_json(json.loads(argv[0]))
+    paths.ensure_private_dir(paths.runtime_dir())
+    lock_fd = _take_lock(target.name)
+    if lock_fd is None:
+        log(f"another agent for VM {target.name} is running; exiting")
+        return 0
+    path = socket_path(target.name)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    listener.listen(64)
+    inode = os.stat(path).st_ino
+    log(f"serving VM {target.name} ({target.describe()}) on {path}")
+    try:
+        asyncio.run(Agent(target, listener).serve())
+    finally:
+        listener.close()
+        try:
+            if os.stat(path).st_ino == inode:
+                path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(lock_fd)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

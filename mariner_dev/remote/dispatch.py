@@ -1,0 +1,82 @@
+"""Run one exec/shell request through the agent or directly, and record which path served it.
+
+`MARINER_AGENT=require` fails (exit 125) rather than fall back; `off` never uses an agent;
+the default (`auto`) uses the agent, starting one on first use, and connects directly when no
+agent can serve. Each served call appends `agent` or `direct` to `$MARINER_DEBUG_PATH_FILE`
+(tests assert it), and `-v` says it on stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # the exec fast path imports neither
+    from .command import ExecRequest
+    from .target import GuestTarget
+
+AGENT_MODES = ("auto", "require", "off")
+
+
+def agent_mode() -> str:
+    mode = os.environ.get("MARINER_AGENT", "auto").strip().lower() or "auto"
+    if mode not in AGENT_MODES:
+        from ..errors import UsageError
+
+        raise UsageError(f"MARINER_AGENT={mode!r} is not one of {', '.join(AGENT_MODES)}")
+    return mode
+
+
+def record_path(kind: str, verbose: bool = False, detail: str = "") -> None:
+    debug_file = os.environ.get("MARINER_DEBUG_PATH_FILE")
+    if debug_file:
+        with open(debug_file, "a") as fh:
+            fh.write(kind + "\n")
+    if verbose:
+        sys.stderr.write(f"mariner: served by {'the agent' if kind == 'agent' else 'a direct connection'}"
+                         f"{' (' + detail + ')' if detail else ''}\n")
+        sys.stderr.flush()
+
+
+def execute(target: "GuestTarget", request: "ExecRequest", *, fds=(0, 1, 2),
+            trust_new: bool = False, verbose: bool = False) -> int:
+    """Run `request` on the guest; returns the exit status to pass through."""
+    from . import client
+
+    mode = agent_mode()
+    if trust_new:
+        # Re-pin over a connection of our own; a running agent still trusts the old key.
+        client.stop_agent(target.name)
+    elif mode != "off":
+        try:
+            try:
+                status = client.run_exec(target, request, fds,
+                                         on_ready=lambda: record_path("agent", verbose))
+            except client.AgentUnavailable:
+                client.ensure_agent(target)
+                status = client.run_exec(target, request, fds,
+                                         on_ready=lambda: record_path("agent", verbose))
+            return status
+        except client.AgentUnavailable as exc:
+            if mode == "require":
+                from ..errors import GuestUnreachable
+
+                raise GuestUnreachable(f"MARINER_AGENT=require, but the agent for VM "
+                                       f"{target.name} cannot serve: {exc.reason}") from None
+            if verbose:
+                sys.stderr.write(f"mariner: agent unavailable ({exc.reason}); connecting directly\n")
+    from . import session
+    from .target import GuestTarget
+    from .terminal import raw_mode
+
+    if not isinstance(target, GuestTarget):  # the fast path's cached stand-in
+        target = GuestTarget.from_json(target.to_json())
+
+    record_path("direct", verbose)
+    with raw_mode(fds[0] if fds[0] is not None else 0,
+                  enabled=request.tty and request.stdin and fds[0] is not None):
+        outcome = session.run_direct(target, request, fds, trust_new=trust_new)
+    if outcome.message:
+        sys.stderr.write(f"mariner: {outcome.message}\n")
+    return outcome.status

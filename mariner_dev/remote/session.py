@@ -1,0 +1,476 @@
+"""asyncssh connections to the guest and remote processes wired to local file descriptors.
+
+Used both in-process (the direct path, hooks, wait_for_ssh) and by the per-VM agent, which is
+handed the client's own stdin/stdout/stderr. File descriptors are read and written by
+threads with blocking I/O, never switched to O_NONBLOCK: they may be a terminal shared with
+the user's shell. Output is flow-controlled (the channel is paused while a writer is behind),
+so memory stays flat however much the command prints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import select
+import signal as _signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import asyncssh
+
+from ..errors import GuestUnreachable
+from .command import ExecRequest
+from .target import VSOCK_SSH_PORT, GuestTarget, tcp_reachable, transport_preference
+from .trust import HostKeyMismatch, NotPinned, pin_host_key, pinned_keys
+
+WINDOW = 8 * 1024 * 1024
+MAX_PACKET = 256 * 1024
+HIGH_WATER = 4 * 1024 * 1024     # pause the channel when a writer has this much queued
+LOW_WATER = 1 * 1024 * 1024
+READ_CHUNK = 256 * 1024
+# AES-GCM first: with AES-NI it is several times faster than chacha20 in asyncssh.
+CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
+           "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr"]
+STATUS_LOST = 125
+STATUS_SIGPIPE = 128 + _signal.SIGPIPE
+
+
+def _identity_options(target: GuestTarget) -> dict:
+    """client_keys from the identity file; an encrypted one is used through ssh-agent."""
+    identity = str(target.identity)
+    try:
+        key = asyncssh.read_private_key(identity)
+    except FileNotFoundError:
+        raise GuestUnreachable(f"the SSH identity {identity} does not exist "
+                               f"(set [ssh] identity, or let mariner generate its own)") from None
+    except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as exc:
+        if "passphrase" not in str(exc).lower():
+            raise GuestUnreachable(f"cannot read the SSH identity {identity}: {exc}") from None
+        pub = identity + ".pub"
+        if not os.environ.get("SSH_AUTH_SOCK"):
+            raise GuestUnreachable(
+                f"the SSH identity {identity} is encrypted and no ssh-agent is running; "
+                f"start one and `ssh-add {identity}`") from None
+        return {"client_keys": [identity], "ignore_encrypted": True,
+                "agent_identities": [pub] if os.path.exists(pub) else None}
+    return {"client_keys": [key], "agent_path": None}
+
+
+async def _open_socket(target: GuestTarget, timeout: float) -> tuple[socket.socket | None, str]:
+    """Choose the transport: TCP when reachable (or forced), else AF_VSOCK to the guest's cid."""
+    pref = transport_preference()
+    use_vsock = pref == "vsock" or target.host is None
+    if pref == "auto" and not use_vsock and target.vsock_cid is not None \
+            and hasattr(socket, "AF_VSOCK") and os.path.exists("/dev/vsock"):
+        loop = asyncio.get_running_loop()
+        use_vsock = not await loop.run_in_executor(None, tcp_reachable, target, min(timeout, 1.0))
+    if not use_vsock:
+        return None, f"{target.host}:{target.port}"
+    if target.vsock_cid is None or not hasattr(socket, "AF_VSOCK"):
+        raise GuestUnreachable(f"VM {target.name} has no vsock address to connect to")
+    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(
+            sock, (target.vsock_cid, VSOCK_SSH_PORT)), timeout)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, f"vsock cid {target.vsock_cid}"
+
+
+async def connect(target: GuestTarget, *, pin: bool = False, trust_new: bool = False,
+                  timeout: float = 10.0, keepalive: float = 0) -> asyncssh.SSHClientConnection:
+    """One authenticated connection, host key checked against the pin.
+
+    With no pin yet, `pin=True` (first `up`) or `trust_new=True` (--trust-new-host-key) accepts
+    the presented key and pins it after authentication succeeds; otherwise it is refused.
+    """
+    pinned = [] if trust_new else pinned_keys(target.known_hosts, target.alias)
+    if pinned:
+        known_hosts = ([asyncssh.import_public_key(k) for k in pinned], [], [])
+    elif pin or trust_new:
+        known_hosts = None
+    else:
+        raise NotPinned(target.name)
+    options = dict(
+        username=target.user, known_hosts=known_hosts, config=[],
+        agent_forwarding=target.forward_agent, encryption_algs=CIPHERS,
+        connect_timeout=timeout, login_timeout=timeout,
+        keepalive_interval=keepalive, keepalive_count_max=3,
+        **_identity_options(target))
+    sock, where = None, target.describe()
+    try:
+        sock, where = await _open_socket(target, timeout)
+        if sock is not None:
+            conn = await asyncssh.connect(target.alias, sock=sock, **options)
+        else:
+            conn = await asyncssh.connect(target.host, target.port, **options)
+    except asyncssh.HostKeyNotVerifiable:
+        raise HostKeyMismatch(target.name, target.known_hosts) from None
+    except asyncssh.PermissionDenied:
+        raise GuestUnreachable(
+            f"VM {target.name} refused mariner's key {target.identity} for user "
+            f"{target.user!r} at {where}; `mariner up` re-applies the authorized key") from None
+    except (OSError, asyncssh.Error, asyncio.TimeoutError, EOFError) as exc:
+        if sock is not None:
+            sock.close()
+        reason = str(exc) or exc.__class__.__name__
+        raise GuestUnreachable(f"cannot reach VM {target.name} over SSH at {where} ({reason}); "
+                               f"is it running? `mariner up` starts it") from None
+    if not pinned:
+        key = conn.get_server_host_key()
+        if key is not None:
+            pin_host_key(target.known_hosts, target.alias, key.export_public_key().decode())
+    return conn
+
+
+async def wait_until_ready(target: GuestTarget, timeout: float, pin: bool,
+                           trust_new: bool = False) -> None:
+    deadline = time.monotonic() + timeout
+    delay, last = 0.1, None
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise GuestUnreachable(f"VM {target.name} did not answer SSH within {timeout:g}s "
+                                   f"({last}); see `mariner logs`")
+        try:
+            conn = await connect(target, pin=pin, trust_new=trust_new,
+                                 timeout=max(1.0, min(remaining, 10.0)))
+        except (HostKeyMismatch, NotPinned):
+            raise
+        except GuestUnreachable as exc:
+            last = exc.message
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 2.0)
+            continue
+        conn.close()
+        await conn.wait_closed()
+        return
+
+
+class _Writer(threading.Thread):
+    """Writes queued chunks to one fd with blocking writes; reports when it has drained."""
+
+    def __init__(self, fd: int, on_low, on_broken):
+        super().__init__(daemon=True)
+        self.fd = fd
+        self.queue: collections.deque[bytes] = collections.deque()
+        self.pending = 0
+        self.cond = threading.Condition()
+        self.closed = False
+        self.broken = False
+        self.on_low = on_low
+        self.on_broken = on_broken
+
+    def put(self, data: bytes) -> int:
+        with self.cond:
+            if self.broken:
+                return 0
+            self.queue.append(data)
+            self.pending += len(data)
+            self.cond.notify()
+            return self.pending
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+
+    def run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.queue and not self.closed:
+                    self.cond.wait()
+                if not self.queue:
+                    return
+                data = self.queue.popleft()
+            try:
+                self._write_all(data)
+            except OSError:
+                with self.cond:
+                    self.broken = True
+                    self.queue.clear()
+                    self.pending = 0
+                self.on_broken()
+                return
+            with self.cond:
+                before = self.pending
+                self.pending -= len(data)
+                crossed = before >= LOW_WATER > self.pending
+            if crossed:
+                self.on_low()
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except BlockingIOError:
+                select.select([], [self.fd], [], 1.0)
+                continue
+            view = view[n:]
+
+
+class _StdinPump(threading.Thread):
+    """Reads our stdin (blocking, only when poll says it is readable) and feeds the channel."""
+
+    def __init__(self, fd: int, loop: asyncio.AbstractEventLoop, proc: "RemoteProcess"):
+        super().__init__(daemon=True)
+        self.fd = fd
+        self.loop = loop
+        self.proc = proc
+        self.can_send = threading.Event()
+        self.can_send.set()
+        self.wake_r, self.wake_w = os.pipe()
+
+    def stop(self) -> None:
+        try:
+            os.write(self.wake_w, b"x")
+        except OSError:
+            pass
+
+    def run(self) -> None:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        poller.register(self.wake_r, select.POLLIN)
+        try:
+            while True:
+                while not self.can_send.wait(0.2):
+                    if select.select([self.wake_r], [], [], 0)[0]:
+                        return
+                events = dict(poller.poll())
+                if self.wake_r in events:
+                    return
+                try:
+                    data = os.read(self.fd, READ_CHUNK)
+                except BlockingIOError:
+                    select.select([self.fd], [], [], 0.05)
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    self._call(self.proc._stdin_eof)
+                    return
+                self.can_send.clear()
+                self._call(self.proc._stdin_data, data)
+        finally:
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+
+    def _call(self, fn, *args) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # loop closed
+            pass
+
+
+class _Session(asyncssh.SSHClientSession):
+    def __init__(self, proc: "RemoteProcess"):
+        self.proc = proc
+
+    def data_received(self, data: bytes, datatype) -> None:
+        self.proc._output(data, datatype)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def pause_writing(self) -> None:
+        self.proc._writable = False
+
+    def resume_writing(self) -> None:
+        self.proc._writable = True
+        self.proc._maybe_pump()
+
+    def connection_lost(self, exc) -> None:
+        self.proc._closed(exc)
+
+
+@dataclass
+class Outcome:
+    status: int
+    message: str | None = None   # set when mariner, not the command, decided the status
+
+
+class RemoteProcess:
+    """One command on the guest, its streams bound to local fds (stdin may be None)."""
+
+    def __init__(self, conn: asyncssh.SSHClientConnection, request: ExecRequest,
+                 fds: tuple[int | None, int, int], name: str = "the VM"):
+        self.conn = conn
+        self.request = request
+        self.fds = fds
+        self.name = name
+        self.loop = asyncio.get_running_loop()
+        self.chan = None
+        self.done = self.loop.create_future()
+        self._writable = True
+        self._paused = False
+        self._broken = False
+        self._pump: _StdinPump | None = None
+        self._pump_waiting = False
+        out_fd, err_fd = fds[1], fds[2]
+        self._out = _Writer(out_fd, self._on_low_threadsafe, self._on_broken_threadsafe)
+        self._err = self._out if err_fd == out_fd else _Writer(
+            err_fd, self._on_low_threadsafe, self._on_broken_threadsafe)
+
+    async def start(self) -> None:
+        req = self.request
+        kwargs = dict(encoding=None, window=WINDOW, max_pktsize=MAX_PACKET,
+                      x11_forwarding=False)
+        if req.tty:
+            kwargs.update(request_pty="force", term_type=req.term or "xterm-256color",
+                          term_size=(req.cols or 80, req.rows or 24))
+        else:
+            kwargs.update(request_pty=False)
+        self.chan, _ = await self.conn.create_session(lambda: _Session(self), req.command,
+                                                      **kwargs)
+        self._out.start()
+        if self._err is not self._out:
+            self._err.start()
+        if req.stdin and self.fds[0] is not None:
+            self._pump = _StdinPump(self.fds[0], self.loop, self)
+            self._pump.start()
+        else:
+            self.chan.write_eof()
+
+    # -- called on the event loop --------------------------------------------------------
+    def _output(self, data: bytes, datatype) -> None:
+        writer = self._err if datatype == asyncssh.EXTENDED_DATA_STDERR else self._out
+        if writer.put(data) >= HIGH_WATER and not self._paused:
+            self._paused = True
+            self.chan.pause_reading()
+
+    def _on_low(self) -> None:
+        if self._paused and not self._broken and self._out.pending < HIGH_WATER \
+                and self._err.pending < HIGH_WATER:
+            self._paused = False
+            self.chan.resume_reading()
+
+    def _on_broken(self) -> None:
+        # Our stdout or stderr went away (e.g. `| head`): stop, as ssh would die of SIGPIPE.
+        if not self._broken:
+            self._broken = True
+            if self.chan is not None:
+                self.chan.close()
+
+    def _on_low_threadsafe(self) -> None:
+        self.loop.call_soon_threadsafe(self._on_low)
+
+    def _on_broken_threadsafe(self) -> None:
+        self.loop.call_soon_threadsafe(self._on_broken)
+
+    def _stdin_data(self, data: bytes) -> None:
+        if self.chan is None or self.done.done():
+            return
+        try:
+            self.chan.write(data)
+        except (asyncssh.Error, OSError, BrokenPipeError):
+            return
+        self._pump_waiting = True
+        self._maybe_pump()
+
+    def _maybe_pump(self) -> None:
+        if self._pump is not None and self._pump_waiting and self._writable:
+            self._pump_waiting = False
+            self._pump.can_send.set()
+
+    def _stdin_eof(self) -> None:
+        if self.chan is not None and not self.done.done():
+            try:
+                self.chan.write_eof()
+            except (asyncssh.Error, OSError):
+                pass
+
+    def _closed(self, exc) -> None:
+        if not self.done.done():
+            self.done.set_result(exc)
+
+    # -- public --------------------------------------------------------------------------
+    def signal(self, name: str) -> None:
+        """Deliver signal `name` (e.g. "INT") to the remote process group."""
+        if self.chan is not None and not self.done.done():
+            try:
+                self.chan.send_signal(name)
+            except (asyncssh.Error, OSError, ValueError):
+                pass
+
+    def resize(self, cols: int, rows: int) -> None:
+        if self.chan is not None and self.request.tty and not self.done.done():
+            try:
+                self.chan.change_terminal_size(cols, rows)
+            except (asyncssh.Error, OSError):
+                pass
+
+    def abandon(self) -> None:
+        """The local side went away: hang up the remote process."""
+        self.signal("HUP")
+        if self.chan is not None:
+            self.chan.close()
+
+    async def wait(self) -> Outcome:
+        exc = await self.done
+        if self._pump is not None:
+            self._pump.stop()
+        self._out.close()
+        self._err.close()
+        # Everything received is on its way out before we report the status.
+        await self.loop.run_in_executor(None, self._join_writers)
+        if self._pump is not None:
+            await self.loop.run_in_executor(None, self._pump.join, 2.0)
+        if self._broken:
+            return Outcome(STATUS_SIGPIPE)
+        sig = self.chan.get_exit_signal()
+        if sig is not None:
+            number = getattr(_signal, "SIG" + sig[0], None)
+            return Outcome(128 + int(number) if number is not None else 255)
+        status = self.chan.get_exit_status()
+        if status is not None and status >= 0:
+            return Outcome(status)
+        reason = f" ({exc})" if exc else ""
+        return Outcome(STATUS_LOST, f"lost the connection to VM {self.name}{reason}")
+
+    def _join_writers(self) -> None:
+        self._out.join()
+        if self._err is not self._out:
+            self._err.join()
+
+
+async def run_on(conn, request: ExecRequest, fds, name: str, on_started=None) -> Outcome:
+    proc = RemoteProcess(conn, request, fds, name)
+    await proc.start()
+    if on_started is not None:
+        on_started(proc)
+    return await proc.wait()
+
+
+async def _direct(target: GuestTarget, request: ExecRequest, fds, trust_new: bool) -> Outcome:
+    conn = await connect(target, trust_new=trust_new)
+    loop = asyncio.get_running_loop()
+    handled = []
+    try:
+        proc = RemoteProcess(conn, request, fds, target.name)
+        await proc.start()
+        for signum in (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT):
+            loop.add_signal_handler(signum, proc.signal, _signal.Signals(signum).name[3:])
+            handled.append(signum)
+        if request.tty:
+            from .terminal import window_size
+
+            loop.add_signal_handler(_signal.SIGWINCH,
+                                    lambda: proc.resize(*window_size(fds[1])))
+            handled.append(_signal.SIGWINCH)
+        return await proc.wait()
+    finally:
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+        conn.close()
+
+
+def run_direct(target: GuestTarget, request: ExecRequest, fds=(0, 1, 2),
+               trust_new: bool = False) -> Outcome:
+    """Run one command over a fresh connection of our own (no agent)."""
+    return asyncio.run(_direct(target, request, fds, trust_new))

@@ -1,0 +1,79 @@
+"""Host-key pinning in mariner's own known_hosts, one line per VM under `mariner-<name>`.
+
+The file is in OpenSSH's format, so the generated ssh-config can point `UserKnownHostsFile` at
+it together with `HostKeyAlias mariner-<name>` and `StrictHostKeyChecking yes`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import paths
+from ..errors import GuestUnreachable
+from ..fsutil import file_lock, write_atomic
+from .target import alias_for
+
+
+def _lines(known_hosts: Path) -> list[str]:
+    try:
+        return known_hosts.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def _hosts_of(line: str) -> list[str]:
+    stripped = line.strip()
+    if not stripped or stripped.startswith("#"):
+        return []
+    return stripped.split()[0].split(",")
+
+
+def pinned_keys(known_hosts: Path, alias: str) -> list[str]:
+    """The pinned host keys of `alias` as 'type base64' strings (empty when not pinned)."""
+    keys = []
+    for line in _lines(known_hosts):
+        if alias in _hosts_of(line):
+            fields = line.split()
+            if len(fields) >= 3:
+                keys.append(f"{fields[1]} {fields[2]}")
+    return keys
+
+
+def _rewrite(known_hosts: Path, alias: str, new_key: str | None) -> None:
+    paths.ensure_private_dir(known_hosts.parent)
+    with file_lock(known_hosts.with_name(known_hosts.name + ".lock"), what="known_hosts"):
+        kept = [line for line in _lines(known_hosts) if alias not in _hosts_of(line)]
+        if new_key is not None:
+            kept.append(f"{alias} {new_key}")
+        write_atomic(known_hosts, "".join(line + "\n" for line in kept), mode=0o600)
+
+
+def pin_host_key(known_hosts: Path, alias: str, key: str) -> None:
+    """Pin `key` ('type base64') for `alias`, replacing any earlier pin."""
+    fields = key.split()
+    _rewrite(known_hosts, alias, f"{fields[0]} {fields[1]}")
+
+
+def forget_host_key(name: str, known_hosts: Path | None = None) -> None:
+    """Drop the pin of VM `name` (destroy resets it; the next `up` pins the new VM's key)."""
+    known_hosts = known_hosts or paths.known_hosts_file()
+    alias = alias_for(name)
+    if pinned_keys(known_hosts, alias):
+        _rewrite(known_hosts, alias, None)
+
+
+class HostKeyMismatch(GuestUnreachable):
+    """The guest presented a host key other than the pinned one."""
+
+    def __init__(self, name: str, known_hosts: Path):
+        super().__init__(
+            f"the host key of VM {name} does not match the key pinned in {known_hosts}: "
+            f"refusing to connect; if the VM was re-created, `mariner destroy` resets the pin, "
+            f"or pass --trust-new-host-key to re-pin it")
+
+
+class NotPinned(GuestUnreachable):
+    def __init__(self, name: str):
+        super().__init__(
+            f"no host key is pinned for VM {name}; run `mariner up` (it pins the key on the "
+            f"first connection), or pass --trust-new-host-key")
