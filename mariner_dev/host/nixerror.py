@@ -61,6 +61,28 @@ def option_config_key(option: str) -> str | None:
     return None
 
 
+# Where a definition or an error sits: mariner's vm.nix, or a project module that the renderer
+# copied into the flake's modules/ directory as "<index>-<name>" (in the store as
+# <hash>-source/modules/..., or in the flake dir). nix-mariner's own modules/*.nix have no
+# index prefix.
+_PROJECT_MODULE = re.compile(r"(?:-source|/flake)/modules/(\d+-[^:/\s'`]+)")
+_VM_NIX = re.compile(r"(?:-source|/flake)/vm\.nix\b")
+
+
+def _origin(text: str) -> str | None:
+    """"modules" or "vm.nix" when the text points into one of them, else None."""
+    module = _PROJECT_MODULE.search(text)
+    vm = _VM_NIX.search(text)
+    if module and (not vm or module.start() < vm.start()):
+        return "modules"
+    return "vm.nix" if vm else None
+
+
+def _module_name(text: str) -> str | None:
+    match = _PROJECT_MODULE.search(text)
+    return match.group(1) if match else None
+
+
 def _clean(text: str) -> list[str]:
     return [_ANSI.sub("", line).rstrip() for line in text.splitlines()]
 
@@ -103,17 +125,25 @@ def explain_build_error(stderr: str) -> tuple[str, str | None]:
         or re.search(r"undefined variable [`'‘]([^'’`]+)['’]", text)
     if missing:
         name = missing.group(1)
+        what = "attribute" if "missing" in missing.group(0) else "variable"
+        after = text[missing.end():]
+        if _origin(after) == "modules":
+            return f"undefined {what} `{name}` in module {_module_name(after)}", "nix.modules"
         if "environment.systemPackages" in text:
             return f"nixpkgs has no package `{name}`", "nix.packages"
         options = re.findall(r"option " + _OPTION, text)
         key = option_config_key(options[-1]) if options else None
-        what = "attribute" if "missing" in missing.group(0) else "variable"
-        return f"undefined {what} `{name}`", key or ("nix.modules" if options else None)
+        return f"undefined {what} `{name}`", key
 
-    match = re.search(r"The option " + _OPTION + r" does not exist", text)
+    match = re.search(r"The option " + _OPTION + r" (?:does not exist|can no longer be used)",
+                      text)
     if match:
         option = match.group(1)
-        if option_config_key(option) is not None:
+        origin = _origin(text[match.end():])
+        if origin == "modules":
+            return (f"the option `{option}` does not exist (set in module "
+                    f"{_module_name(text[match.end():])})"), "nix.modules"
+        if origin == "vm.nix" or option_config_key(option) is not None:
             return (f"the option `{option}` does not exist in the nix-mariner/microvm.nix "
                     f"revision the flake uses"), "nix.mariner"
         return f"the option `{option}` does not exist", "nix.modules"
@@ -124,7 +154,10 @@ def explain_build_error(stderr: str) -> tuple[str, str | None]:
     if match:
         option = match.group(1)
         first = next((m for _, m in errors if option in m), match.group(0))
-        return first.rstrip(":. "), option_config_key(option) or "nix.modules"
+        first = re.sub(r"\.?\s*Definition values:.*$", "", first).rstrip(":. ")
+        if _origin(text[match.end():]) == "modules":
+            return first, "nix.modules"
+        return first, option_config_key(option) or "nix.modules"
 
     if "Failed assertions:" in text:
         index = next(i for i, line in enumerate(lines) if "Failed assertions:" in line)

@@ -92,8 +92,12 @@ class FakeHost:
     def vm_dir(self, name: str) -> Path:
         return self.microvms_dir / name
 
+    def unit_record(self, name: str) -> dict:
+        """The fake unit's whole record (state, substate, pids, the guest's key dir...)."""
+        return fakelib.read_unit(name)
+
     def unit_state(self, name: str) -> str:
-        return fakelib.read_unit(name).get("state", "inactive")
+        return self.unit_record(name).get("state", "inactive")
 
     def journal(self, name: str) -> str:
         try:
