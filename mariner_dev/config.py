@@ -175,6 +175,11 @@ def _syntax_problem(file: Path, text: str, exc: Exception) -> ConfigProblem:
     except ParseError as err:
         message = str(err)
         message = re.sub(r"\s+at line \d+ col \d+$", "", message)
+        lines = text.split("\n")
+        at_end_of_line = (0 < err.line <= len(lines) and err.col >= len(lines[err.line - 1]))
+        if message.startswith("Control characters") and at_end_of_line:
+            # tomlkit's words for a string left open at the end of its line
+            message = "the string is not closed before the end of the line"
         return ConfigProblem(str(file), err.line, err.col + 1, "", f"invalid TOML: {message}")
     except Exception:  # noqa: BLE001 - fall back to tomllib's own position below
         pass
