@@ -12,6 +12,7 @@ import pytest
 
 from mariner_dev.errors import HostError
 from mariner_dev.host import runner
+from support.fakehost import shell_command as script
 
 
 @pytest.fixture
@@ -21,13 +22,6 @@ def bindir(tmp_path, monkeypatch) -> Path:
     directory.mkdir()
     monkeypatch.setenv("PATH", f"{directory}:/usr/bin:/bin")
     return directory
-
-
-def script(bindir: Path, name: str, body: str) -> Path:
-    path = bindir / name
-    path.write_text("#!/bin/sh\n" + body + "\n")
-    path.chmod(0o755)
-    return path
 
 
 def test_command_is_resolved_to_an_absolute_path_and_logged(bindir, caplog, monkeypatch):

@@ -141,6 +141,15 @@ def fakehost(monkeypatch, tmp_path) -> FakeHost:
         host.stop_all()
 
 
+def shell_command(directory: Path, name: str, body: str) -> Path:
+    """A small /bin/sh stand-in command `directory/name` running `body`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+    return path
+
+
 def client_key(directory: Path) -> Path:
     """A fresh ed25519 client key pair in `directory` (returns the private key's path)."""
     return guest_sshd.generate_client_key(Path(directory) / "id_ed25519")

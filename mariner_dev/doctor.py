@@ -1,0 +1,449 @@
+"""`mariner doctor`: can this host run mariner's VMs, and what can a VM reach on it?
+
+Each check reports ok / warn / fail with a detail and a fix. A required check that fails makes
+doctor exit 1; advisory checks (what the guest can reach on the host) only warn. No check may
+crash: on a machine without any of the host setup, doctor reports, it does not raise.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import getpass
+import grp
+import ipaddress
+import json
+import os
+import re
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import paths
+from .errors import HostError
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+BRIDGE = "br-microvm"
+BRIDGE_ADDRESS = "10.0.0.1"
+BRIDGE_PREFIX = 24
+KVM_GET_API_VERSION = 0xAE00
+SYS_CLASS_NET = Path("/sys/class/net")
+
+HOST_MODULE_FIX = ("import the microvm.nix host module in the host's NixOS configuration "
+                   "(nix-mariner's `nixosModules.host` includes it) and `nixos-rebuild switch`")
+BRIDGE_FIX = (f"set `mariner.host.network.enable = true;` (nix-mariner's host module), or "
+              f"declare the bridge as nix-mariner's host setup shows: a systemd-networkd netdev "
+              f"`{BRIDGE}` (Kind = bridge) with Address {BRIDGE_ADDRESS}/{BRIDGE_PREFIX}; or use "
+              f'`[network] mode = "user"`, which needs no host network')
+FIREWALL_FIX = (f'remove "{BRIDGE}" from networking.firewall.trustedInterfaces and allow only '
+                f'DNS from the VMs: networking.firewall.interfaces."{BRIDGE}" = '
+                f"{{ allowedUDPPorts = [ 53 ]; allowedTCPPorts = [ 53 ]; }}; (SSH from the host "
+                f"into the VMs keeps working: replies to it are established traffic)")
+LOOPBACK_FIX = ("QEMU's user network has no switch that hides only the host's loopback: "
+                "`restrict=on` cuts the guest off from every network (only forwarded ports keep "
+                "working) and microvm.nix does not offer it. Stop the services you do not need "
+                "while untrusted code runs, make the rest require authentication, or use bridge "
+                "mode with a firewall rule that allows only DNS from the bridge")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One finding of `mariner doctor`."""
+
+    name: str
+    status: str           # "ok" | "warn" | "fail"
+    detail: str
+    fix: str | None
+    required: bool
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "status": self.status, "detail": self.detail,
+                "fix": self.fix, "required": self.required}
+
+
+@dataclass(frozen=True)
+class DoctorReport:
+    checks: list[Check]
+
+    @property
+    def ok(self) -> bool:
+        """False when a required check failed."""
+        return not any(c.required and c.status == FAIL for c in self.checks)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.ok else 1
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "checks": [c.to_json() for c in self.checks]}
+
+
+def _verdict(name: str, required: bool, passed: bool, detail: str, fix: str | None) -> Check:
+    """A passed check is ok; otherwise fail when required, warn when advisory."""
+    status = OK if passed else (FAIL if required else WARN)
+    return Check(name, status, detail, fix, required)
+
+
+def _run(name: str, args: list[str], timeout: float = 15.0):
+    """A host command through the one runner; None when the program is not installed."""
+    from .host import runner
+
+    try:
+        return runner.run(name, args, ok_codes=None, timeout=timeout)
+    except HostError as exc:
+        if exc.returncode is None and not exc.stderr_tail and "not found on PATH" in str(exc):
+            return None
+        raise
+
+
+def _last_line(*texts: str) -> str:
+    for text in texts:
+        lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+        if lines:
+            return lines[-1]
+    return ""
+
+
+# -- required: can the host run microVMs at all --------------------------------------------
+
+def check_kvm(required: bool = True) -> Check:
+    path = Path("/dev/kvm")
+    fix = ("enable hardware virtualisation (VT-x/AMD-V) in the firmware and load kvm-intel or "
+           "kvm-amd; inside a VM, enable nested virtualisation")
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return _verdict("kvm", required, False, "/dev/kvm does not exist", fix)
+    if not stat.S_ISCHR(st.st_mode):
+        return _verdict("kvm", required, False, "/dev/kvm is not a character device", fix)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except PermissionError:
+        group = _group_name(st.st_gid)
+        if group == "kvm" and st.st_mode & 0o060 == 0o060:
+            return _verdict("kvm", required, True,
+                            "/dev/kvm is read-write for the kvm group, which the microvm@ "
+                            f"units run as ({getpass.getuser()} itself cannot open it)", None)
+        return _verdict("kvm", required, False,
+                        f"/dev/kvm is not usable: mode {stat.filemode(st.st_mode)}, group "
+                        f"{group}", "give the kvm group read-write access to /dev/kvm")
+    except OSError as exc:
+        return _verdict("kvm", required, False, f"cannot open /dev/kvm: {exc.strerror}", fix)
+    try:
+        version = fcntl.ioctl(fd, KVM_GET_API_VERSION)
+    except OSError as exc:
+        return _verdict("kvm", required, False, f"/dev/kvm does not answer: {exc.strerror}", fix)
+    finally:
+        os.close(fd)
+    return _verdict("kvm", required, True, f"/dev/kvm opens (KVM API version {version})", None)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def check_microvm(required: bool = True) -> Check:
+    found = shutil.which("microvm")
+    if found:
+        return _verdict("microvm", required, True, f"microvm is {found}", None)
+    return _verdict("microvm", required, False, "microvm is not on PATH", HOST_MODULE_FIX)
+
+
+def _nix_features(result) -> set[str] | None:
+    for line in result.stdout.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "experimental-features":
+            return set(value.split())
+    return None
+
+
+def check_nix(required: bool = True) -> Check:
+    fix = ('enable them in the host configuration: nix.settings.experimental-features = '
+           '[ "nix-command" "flakes" ];')
+    version = _run("nix", ["--version"])
+    if version is None:
+        return _verdict("nix", required, False, "nix is not on PATH",
+                        "install Nix (NixOS has it) with the nix-command and flakes features")
+    name = _last_line(version.stdout) or "nix"
+    result = _run("nix", ["config", "show"])
+    if result is not None and "not a recognised command" in result.stderr:
+        result = _run("nix", ["show-config"])  # Nix before 2.19
+    features = _nix_features(result) if result is not None else None
+    if features is None:
+        why = _last_line(result.stderr) if result is not None else "no output"
+        if "nix-command" in why and "disabled" in why:
+            return _verdict("nix", required, False, f"{name} without the experimental feature "
+                            f"nix-command (so flakes cannot be checked either)", fix)
+        return _verdict("nix", required, False, f"{name}: cannot read its configuration ({why})",
+                        fix)
+    missing = [f for f in ("nix-command", "flakes") if f not in features]
+    if missing:
+        return _verdict("nix", required, False,
+                        f"{name} without the experimental features {', '.join(missing)}", fix)
+    return _verdict("nix", required, True, f"{name} with nix-command and flakes", None)
+
+
+def check_vhost_vsock(required: bool = True) -> Check:
+    seen = []
+    if Path("/sys/module/vhost_vsock").exists():
+        seen.append("/sys/module/vhost_vsock")
+    try:
+        if any(line.split()[0] == "vhost_vsock" for line in Path("/proc/modules").read_text().splitlines()):
+            seen.append("/proc/modules")
+    except OSError:
+        pass
+    if Path("/dev/vhost-vsock").exists():
+        seen.append("/dev/vhost-vsock")
+    if seen:
+        return _verdict("vhost-vsock", required, True, f"vhost_vsock is there ({', '.join(seen)})",
+                        None)
+    return _verdict("vhost-vsock", required, False,
+                    "the vhost_vsock kernel module is not loaded (VM cids need it)",
+                    'boot.kernelModules = [ "vhost_vsock" ]; in the host configuration, or '
+                    '`modprobe vhost_vsock` now')
+
+
+def _bridge_addresses() -> tuple[list[str] | None, str]:
+    """The bridge's IPv4 addresses as "a.b.c.d/n" (None if unknown) and why not."""
+    result = _run("ip", ["-j", "addr", "show", "dev", BRIDGE], timeout=5)
+    if result is None:
+        return None, "iproute2's `ip` is not installed"
+    if result.returncode != 0:
+        return None, _last_line(result.stderr) or f"ip exited with {result.returncode}"
+    try:
+        links = json.loads(result.stdout or "[]")
+    except ValueError:
+        return None, "`ip -j` printed no JSON"
+    return [f"{a.get('local')}/{a.get('prefixlen')}" for link in links
+            for a in link.get("addr_info", []) if a.get("family") == "inet"], ""
+
+
+def bridge_exists() -> bool:
+    return (SYS_CLASS_NET / BRIDGE).exists()
+
+
+def check_bridge(required: bool = True) -> Check:
+    if not bridge_exists():
+        return _verdict("bridge", required, False, f"there is no {BRIDGE} interface", BRIDGE_FIX)
+    if not (SYS_CLASS_NET / BRIDGE / "bridge").is_dir():
+        return _verdict("bridge", required, False, f"{BRIDGE} exists but is not a bridge",
+                        BRIDGE_FIX)
+    addresses, why = _bridge_addresses()
+    if addresses is None:
+        return _verdict("bridge", required, False, f"{BRIDGE} exists, but its addresses cannot "
+                        f"be read: {why}", BRIDGE_FIX)
+    wanted = f"{BRIDGE_ADDRESS}/{BRIDGE_PREFIX}"
+    if wanted in addresses:
+        return _verdict("bridge", required, True, f"{BRIDGE} has {wanted}", None)
+    return _verdict("bridge", required, False,
+                    f"{BRIDGE} has {', '.join(addresses) or 'no IPv4 address'}, not {wanted} "
+                    f"(the guests use 10.0.0.1 as their gateway)", BRIDGE_FIX)
+
+
+def check_networkd(required: bool = True) -> Check:
+    fix = "systemd.network.enable = true; in the host configuration (microvm.nix needs it)"
+    result = _run("systemctl", ["is-active", "systemd-networkd.service"], timeout=10)
+    if result is None:
+        return _verdict("systemd-networkd", required, False, "systemctl is not on PATH", fix)
+    state = _last_line(result.stdout)
+    if result.returncode == 0 and state == "active":
+        return _verdict("systemd-networkd", required, True, "systemd-networkd is active", None)
+    why = _last_line(result.stderr)
+    detail = (f"systemd-networkd is {state}" if state else "systemd cannot tell whether "
+              "systemd-networkd runs") + (f" ({why})" if why else "")
+    return _verdict("systemd-networkd", required, False, detail, fix)
+
+
+def check_sudo(required: bool = True) -> Check:
+    from .host import runner
+
+    if os.geteuid() == 0:
+        return _verdict("sudo", required, True, "running as root: no sudo needed", None)
+    try:
+        prefix = runner.sudo_prefix()
+    except HostError as exc:
+        return _verdict("sudo", required, False, str(exc), "fix MARINER_SUDO")
+    if not prefix:
+        return Check("sudo", WARN, "MARINER_SUDO is empty: microvm and systemctl run as "
+                     f"{getpass.getuser()}, which works only if that account may manage the "
+                     "VMs (polkit, group rights)", "unset MARINER_SUDO to use `sudo -n`",
+                     required)
+    fix = (f"allow {getpass.getuser()} to run microvm, systemctl and rm without a password "
+           "(security.sudo.extraRules with NOPASSWD), run as root, or set MARINER_SUDO to "
+           "another prefix")
+    shown = " ".join(prefix)
+    if shutil.which(prefix[0]) is None:
+        return _verdict("sudo", required, False, f"{prefix[0]} is not installed", fix)
+    import subprocess
+
+    try:
+        proc = subprocess.run([*prefix, "true"], capture_output=True, text=True, timeout=15,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return _verdict("sudo", required, False, f"`{shown} true` did not run: {exc}", fix)
+    if proc.returncode == 0:
+        return _verdict("sudo", required, True, f"`{shown} true` works without a prompt", None)
+    return _verdict("sudo", required, False,
+                    f"`{shown} true` failed: {_last_line(proc.stderr, proc.stdout)} (a rule "
+                    f"that allows only microvm and systemctl is not visible to this check)", fix)
+
+
+def check_state_dir(required: bool = True) -> Check:
+    directory = paths.microvms_dir()
+    if directory.is_dir():
+        return _verdict("state-dir", required, True, f"{directory} exists", None)
+    return _verdict("state-dir", required, False, f"{directory} does not exist",
+                    "the microvm.nix host module creates it on activation (microvm.stateDir); "
+                    "or point MARINER_MICROVMS_DIR at the state directory")
+
+
+# -- advisory: what a guest can reach on the host ------------------------------------------
+
+def _firewall_rules() -> tuple[str | None, str]:
+    """The ruleset text (nft, else iptables) or None, and where it came from / why not."""
+    reasons = []
+    for name, args in (("nft", ["list", "ruleset"]), ("iptables", ["-S"])):
+        try:
+            result = _run(name, args, timeout=10)
+        except HostError as exc:
+            reasons.append(str(exc))
+            continue
+        if result is None:
+            reasons.append(f"{name} is not installed")
+        elif result.returncode != 0:
+            reasons.append(f"`{name} {' '.join(args)}`: {_last_line(result.stderr) or 'failed'}")
+        elif result.stdout.strip():
+            return result.stdout, f"{name} {' '.join(args)}"
+        else:
+            reasons.append(f"`{name} {' '.join(args)}` printed no rules")
+    return None, "; ".join(reasons)
+
+
+def blanket_bridge_accepts(rules: str) -> list[str]:
+    """Rules that accept every packet arriving on the bridge, not just some ports or replies
+    (nft: `iifname "br-microvm" accept`; iptables: `-i br-microvm -j ACCEPT|nixos-fw-accept`)."""
+    found = []
+    for line in rules.splitlines():
+        text = line.strip()
+        if BRIDGE not in text or re.search(r"dport|sport|ct state|--state", text):
+            continue
+        nft = re.search(r"\biif(?:name)?\b", text) and re.search(r"\baccept\b", text)
+        ipt = re.search(rf"-i {re.escape(BRIDGE)}\b", text) and re.search(
+            r"-j (?:ACCEPT|nixos-fw-accept)\b", text)
+        if nft or ipt:
+            found.append(text)
+    return found
+
+
+def check_bridge_firewall() -> Check:
+    name = "bridge-firewall"
+    if not bridge_exists():
+        return Check(name, OK, f"no {BRIDGE} bridge, so no VM sits on it yet. When you set it "
+                     f"up: nix-mariner's documented host setup trusts {BRIDGE} in the firewall, "
+                     f"which lets every VM reach every service on this host", FIREWALL_FIX, False)
+    rules, source = _firewall_rules()
+    if rules is None:
+        return Check(name, WARN, f"cannot read the firewall rules ({source}). nix-mariner's "
+                     f"documented host setup trusts {BRIDGE}: if yours does, every VM reaches "
+                     f"every service on this host", FIREWALL_FIX, False)
+    accepts = blanket_bridge_accepts(rules)
+    if accepts:
+        return Check(name, WARN, f"the firewall accepts everything from {BRIDGE} "
+                     f"({accepts[0]}): every VM reaches every service on this host",
+                     FIREWALL_FIX, False)
+    return Check(name, OK, f"no rule in `{source}` accepts all traffic from {BRIDGE}",
+                 FIREWALL_FIX, False)
+
+
+def _decode_address(hex_address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    raw = bytes.fromhex(hex_address)
+    if len(raw) == 4:
+        return ipaddress.IPv4Address(raw[::-1])
+    # /proc/net/tcp6 prints four 32-bit words, each in host (little-endian) byte order
+    return ipaddress.IPv6Address(b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+
+
+def listening_tcp(proc_files: tuple[str, ...] = ("/proc/net/tcp", "/proc/net/tcp6")) -> list[tuple[str, int]]:
+    """(address, port) of every listening TCP socket, from /proc/net/tcp{,6}."""
+    found = set()
+    for file in proc_files:
+        try:
+            lines = Path(file).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 4 or fields[3] != "0A":  # 0A: TCP_LISTEN
+                continue
+            address, _, port = fields[1].partition(":")
+            found.add((str(_decode_address(address)), int(port, 16)))
+    return sorted(found, key=lambda item: (item[1], item[0]))
+
+
+def loopback_reachable(listeners: list[tuple[str, int]]) -> list[str]:
+    """The listeners a user-mode guest reaches through 10.0.2.2 (the host's 127.0.0.1)."""
+    out = []
+    for address, port in listeners:
+        ip = ipaddress.ip_address(address)
+        mapped = getattr(ip, "ipv4_mapped", None)
+        if ip.is_unspecified:
+            out.append(f"*:{port}")
+        elif ip.is_loopback or (mapped is not None and mapped.is_loopback):
+            out.append(f"{address}:{port}" if ip.version == 4 else f"[{address}]:{port}")
+    return list(dict.fromkeys(out))
+
+
+def check_user_net_loopback() -> Check:
+    name = "user-net-loopback"
+    if not any(os.access(f, os.R_OK) for f in ("/proc/net/tcp", "/proc/net/tcp6")):
+        return Check(name, WARN, "cannot read /proc/net/tcp: in user mode a guest reaches the "
+                     "host's loopback services through 10.0.2.2", LOOPBACK_FIX, False)
+    reachable = loopback_reachable(listening_tcp())
+    if not reachable:
+        return Check(name, OK, "no TCP service listens on the host's loopback or on all "
+                     "addresses, so 10.0.2.2 leads nowhere", LOOPBACK_FIX, False)
+    shown = ", ".join(reachable[:15]) + (f" and {len(reachable) - 15} more" if len(reachable) > 15 else "")
+    return Check(name, WARN, f"in user mode a guest reaches these host services through "
+                 f"10.0.2.2: {shown} (* = all addresses)", LOOPBACK_FIX, False)
+
+
+# -- putting it together --------------------------------------------------------------------
+
+def _guarded(name: str, required: bool, check: Callable[[], Check]) -> Check:
+    try:
+        return check()
+    except Exception as exc:  # a check that breaks is a finding, not a crash of doctor
+        return Check(name, FAIL if required else WARN,
+                     f"could not run this check: {exc.__class__.__name__}: {exc}", None, required)
+
+
+def microvm_host_checks(network_mode: str | None = None) -> list[Check]:
+    """The checks for a NixOS host with the microvm.nix host module. The bridge is required
+    unless the project uses user-mode networking (`network_mode="user"`)."""
+    bridge = network_mode != "user"
+    plan: list[tuple[str, bool, Callable[[], Check]]] = [
+        ("kvm", True, check_kvm),
+        ("microvm", True, check_microvm),
+        ("nix", True, check_nix),
+        ("vhost-vsock", True, check_vhost_vsock),
+        ("bridge", bridge, lambda: check_bridge(bridge)),
+        ("systemd-networkd", bridge, lambda: check_networkd(bridge)),
+        ("sudo", True, check_sudo),
+        ("state-dir", True, check_state_dir),
+        ("bridge-firewall", False, check_bridge_firewall),
+        ("user-net-loopback", False, check_user_net_loopback),
+    ]
+    return [_guarded(name, required, check) for name, required, check in plan]
+
+
+def run_doctor(backend=None, network_mode: str | None = None) -> DoctorReport:
+    """Run the host backend's checks (the microvm.nix host by default)."""
+    if backend is None:
+        from .host.microvm import MicrovmHost
+
+        backend = MicrovmHost()
+    return DoctorReport(backend.doctor_checks(network_mode))

@@ -1,0 +1,288 @@
+"""`mariner doctor`: reports on any machine (this one has none of the host setup), exits 1
+exactly when a required check fails, and recognises the exposures it warns about."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from mariner_dev import doctor
+from mariner_dev.doctor import Check, DoctorReport
+from support.fakehost import shell_command as tool
+
+NAMES = ["kvm", "microvm", "nix", "vhost-vsock", "bridge", "systemd-networkd", "sudo",
+         "state-dir", "bridge-firewall", "user-net-loopback"]
+
+
+@pytest.fixture
+def tools(tmp_path, monkeypatch) -> Path:
+    """A directory of stand-in commands first on PATH."""
+    directory = tmp_path / "tools"
+    directory.mkdir()
+    monkeypatch.setenv("PATH", f"{directory}:{os.environ['PATH']}")
+    return directory
+
+
+def test_reports_on_this_machine_without_crashing():
+    report = doctor.run_doctor()
+    assert [c.name for c in report.checks] == NAMES
+    for check in report.checks:
+        assert check.status in ("ok", "warn", "fail")
+        assert check.detail and "could not run this check" not in check.detail, check
+        if check.status != "ok":
+            assert check.fix, check
+    assert [c.name for c in report.checks if not c.required] == ["bridge-firewall",
+                                                                  "user-net-loopback"]
+    assert report.ok == (not any(c.status == "fail" for c in report.checks))
+    state_dir = next(c for c in report.checks if c.name == "state-dir")
+    assert state_dir.status == "ok"  # the isolation fixture's MARINER_MICROVMS_DIR exists
+
+
+def test_exit_code_follows_required_failures_only():
+    advisory = Check("user-net-loopback", "warn", "d", "f", False)
+    required_ok = Check("kvm", "ok", "d", None, True)
+    assert DoctorReport([required_ok, advisory]).exit_code == 0
+    report = DoctorReport([required_ok, advisory, Check("nix", "fail", "d", "f", True)])
+    assert (report.ok, report.exit_code) == (False, 1)
+    assert report.to_json() == {"ok": False, "checks": [c.to_json() for c in report.checks]}
+
+
+def test_cli_json_on_this_machine(run_cli):
+    code, out, err = run_cli("doctor", "--json")
+    data = json.loads(out)
+    assert set(data) == {"ok", "checks"}
+    assert code == (0 if data["ok"] else 1)
+    assert [c["name"] for c in data["checks"]] == NAMES
+    for check in data["checks"]:
+        assert set(check) == {"name", "status", "detail", "fix", "required"}
+    assert len(out.splitlines()) == 1
+
+
+def test_cli_table(run_cli):
+    code, out, err = run_cli("doctor")
+    assert code in (0, 1)
+    for name in NAMES:
+        assert name in out
+    assert ("not ready:" in out) == (code == 1)
+
+
+def test_user_mode_project_makes_the_bridge_advisory(run_cli, tmp_path, monkeypatch):
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "mariner.toml").write_text('[vm]\nname = "proj"\n[network]\nmode = "user"\n')
+    code, out, _ = run_cli("doctor", "--json", cwd=project)
+    checks = {c["name"]: c for c in json.loads(out)["checks"]}
+    assert not checks["bridge"]["required"] and not checks["systemd-networkd"]["required"]
+    assert checks["bridge"]["status"] in ("ok", "warn")
+    assert checks["microvm"]["required"]
+
+
+def test_a_check_that_breaks_is_reported():
+    def broken():
+        raise RuntimeError("boom")
+
+    check = doctor._guarded("kvm", True, broken)
+    assert (check.status, check.required) == ("fail", True)
+    assert "RuntimeError: boom" in check.detail
+
+
+def test_microvm_found_with_the_fake_host(fakehost):
+    check = doctor.check_microvm()
+    assert check.status == "ok" and str(Path(__file__).parents[1] / "fakehost") in check.detail
+
+
+def test_microvm_missing(tools, monkeypatch):
+    monkeypatch.setenv("PATH", str(tools))
+    check = doctor.check_microvm()
+    assert check.status == "fail" and "nixosModules.host" in check.fix
+
+
+@pytest.mark.parametrize("config, status, detail", [
+    ("experimental-features = flakes nix-command fetch-closure", "ok", "with nix-command and flakes"),
+    ("experimental-features = nix-command", "fail", "without the experimental features flakes"),
+])
+def test_nix_features(tools, config, status, detail):
+    tool(tools, "nix", f'case "$1" in --version) echo "nix (Nix) 2.24.9";; '
+                       f'config) echo "cores = 0"; echo "{config}";; esac')
+    check = doctor.check_nix()
+    assert check.status == status and detail in check.detail
+    assert check.detail.startswith("nix (Nix) 2.24.9")
+
+
+def test_nix_before_config_show(tools):
+    tool(tools, "nix", 'case "$1" in --version) echo "nix (Nix) 2.18.1";; '
+                       'config) echo "error: '"'"'config'"'"' is not a recognised command" >&2; exit 1;; '
+                       'show-config) echo "experimental-features = flakes nix-command";; esac')
+    assert doctor.check_nix().status == "ok"
+
+
+def test_nix_without_nix_command(tools):
+    tool(tools, "nix", 'case "$1" in --version) echo "nix (Nix) 2.8.0";; '
+                       'config) echo "error: '"'"'config'"'"' is not a recognised command" >&2; exit 1;; '
+                       "*) echo \"error: experimental Nix feature 'nix-command' is disabled\" >&2; exit 1;; esac")
+    check = doctor.check_nix()
+    assert check.status == "fail" and "nix-command" in check.detail
+    assert "experimental-features" in check.fix
+
+
+def test_networkd(tools):
+    tool(tools, "systemctl", 'echo active')
+    assert doctor.check_networkd().status == "ok"
+    tool(tools, "systemctl", 'echo inactive; exit 3')
+    check = doctor.check_networkd()
+    assert check.status == "fail" and check.detail == "systemd-networkd is inactive"
+    assert doctor.check_networkd(required=False).status == "warn"
+
+
+@pytest.mark.parametrize("sudo, status, detail", [
+    ("env", "ok", "`env true` works without a prompt"),
+    ("false", "fail", "`false true` failed"),
+    ("", "warn", "MARINER_SUDO is empty"),
+    ("no-such-sudo -n", "fail", "no-such-sudo is not installed"),
+])
+def test_sudo_as_a_plain_user(monkeypatch, sudo, status, detail):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("MARINER_SUDO", sudo)
+    check = doctor.check_sudo()
+    assert check.status == status and detail in check.detail
+
+
+def test_sudo_as_root(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert doctor.check_sudo().status == "ok"
+
+
+def test_state_dir_missing(monkeypatch, tmp_path):
+    monkeypatch.setenv("MARINER_MICROVMS_DIR", str(tmp_path / "absent"))
+    check = doctor.check_state_dir()
+    assert check.status == "fail" and str(tmp_path / "absent") in check.detail
+
+
+@pytest.fixture
+def fake_bridge(tmp_path, monkeypatch, tools):
+    """/sys/class/net with a br-microvm bridge, and an `ip` that reports its addresses."""
+    net = tmp_path / "sys-class-net"
+    (net / "br-microvm" / "bridge").mkdir(parents=True)
+    monkeypatch.setattr(doctor, "SYS_CLASS_NET", net)
+
+    def addresses(*cidrs: str) -> None:
+        info = [{"family": "inet", "local": c.split("/")[0], "prefixlen": int(c.split("/")[1])}
+                for c in cidrs]
+        tool(tools, "ip", f"echo '{json.dumps([{'ifname': 'br-microvm', 'addr_info': info}])}'")
+
+    return addresses
+
+
+def test_bridge(fake_bridge):
+    fake_bridge("10.0.0.1/24")
+    assert doctor.check_bridge().status == "ok"
+    fake_bridge("10.0.1.1/24")
+    check = doctor.check_bridge()
+    assert check.status == "fail" and "has 10.0.1.1/24, not 10.0.0.1/24" in check.detail
+
+
+def test_bridge_absent_or_not_a_bridge(tmp_path, monkeypatch):
+    monkeypatch.setattr(doctor, "SYS_CLASS_NET", tmp_path)
+    assert doctor.check_bridge().detail == "there is no br-microvm interface"
+    (tmp_path / "br-microvm").mkdir()
+    assert doctor.check_bridge().detail == "br-microvm exists but is not a bridge"
+    assert doctor.check_bridge(required=False).status == "warn"
+
+
+NIXOS_NFT_TRUSTED = """\
+table inet nixos-fw {
+	chain input-allow {
+		icmp type echo-request accept comment "allow ping"
+		iifname { "br-microvm" } accept comment "trusted interfaces"
+		tcp dport 22 accept
+	}
+}"""
+
+NIXOS_NFT_DNS_ONLY = """\
+table inet nixos-fw {
+	chain input-allow {
+		iifname "br-microvm" udp dport 53 accept
+		iifname "br-microvm" tcp dport 53 accept
+		ct state established,related accept
+	}
+}"""
+
+NIXOS_IPTABLES_TRUSTED = """\
+-P INPUT ACCEPT
+-N nixos-fw
+-N nixos-fw-accept
+-A nixos-fw -i lo -j nixos-fw-accept
+-A nixos-fw -i br-microvm -j nixos-fw-accept
+-A nixos-fw -p tcp -m tcp --dport 22 -j nixos-fw-accept"""
+
+
+def test_blanket_accepts():
+    assert doctor.blanket_bridge_accepts(NIXOS_NFT_TRUSTED) == [
+        'iifname { "br-microvm" } accept comment "trusted interfaces"']
+    assert doctor.blanket_bridge_accepts(NIXOS_NFT_DNS_ONLY) == []
+    assert doctor.blanket_bridge_accepts(NIXOS_IPTABLES_TRUSTED) == [
+        "-A nixos-fw -i br-microvm -j nixos-fw-accept"]
+
+
+def test_bridge_firewall_warns_about_a_trusted_bridge(fake_bridge, tools):
+    fake_bridge("10.0.0.1/24")
+    tool(tools, "nft", f"cat <<'RULES'\n{NIXOS_NFT_TRUSTED}\nRULES")
+    check = doctor.check_bridge_firewall()
+    assert check.status == "warn" and not check.required
+    assert "every VM reaches every service on this host" in check.detail
+    assert 'allowedUDPPorts = [ 53 ]' in check.fix and "trustedInterfaces" in check.fix
+    tool(tools, "nft", f"cat <<'RULES'\n{NIXOS_NFT_DNS_ONLY}\nRULES")
+    assert doctor.check_bridge_firewall().status == "ok"
+
+
+def test_bridge_firewall_unreadable_is_advice(fake_bridge, tools, monkeypatch):
+    fake_bridge("10.0.0.1/24")
+    tool(tools, "nft", "echo 'Operation not permitted' >&2; exit 1")
+    tool(tools, "iptables", "echo 'Permission denied (you must be root)' >&2; exit 4")
+    check = doctor.check_bridge_firewall()
+    assert check.status == "warn" and "cannot read the firewall rules" in check.detail
+    assert "Operation not permitted" in check.detail and "trusts br-microvm" in check.detail
+
+
+def test_no_bridge_no_firewall_warning(tmp_path, monkeypatch):
+    monkeypatch.setattr(doctor, "SYS_CLASS_NET", tmp_path)
+    check = doctor.check_bridge_firewall()
+    assert check.status == "ok" and "trusts br-microvm" in check.detail and check.fix
+
+
+def test_proc_net_tcp_parsing(tmp_path):
+    tcp = tmp_path / "tcp"
+    tcp.write_text(
+        "  sl  local_address rem_address   st tx_queue rx_queue\n"
+        "   0: 0100007F:1538 00000000:0000 0A 00000000:00000000 00:00000000 00000000\n"
+        "   1: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000\n"
+        "   2: 0F02000A:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000\n"
+        "   3: 0100007F:A1B2 0100007F:1538 01 00000000:00000000 00:00000000 00000000\n")
+    tcp6 = tmp_path / "tcp6"
+    tcp6.write_text(
+        "  sl  local_address rem_address st\n"
+        "   0: 00000000000000000000000001000000:0277 00000000000000000000000000000000:0000 0A\n"
+        "   1: 00000000000000000000000000000000:1F90 00000000000000000000000000000000:0000 0A\n"
+        "   2: 0000000000000000FFFF00000100007F:0CEA 00000000000000000000000000000000:0000 0A\n")
+    listeners = doctor.listening_tcp((str(tcp), str(tcp6)))
+    assert listeners == [("0.0.0.0", 22), ("10.0.2.15", 80), ("::1", 631),
+                         ("::ffff:7f00:1", 3306), ("127.0.0.1", 5432), ("::", 8080)]
+    assert doctor.loopback_reachable(listeners) == [
+        "*:22", "[::1]:631", "[::ffff:7f00:1]:3306", "127.0.0.1:5432", "*:8080"]
+
+
+def test_loopback_listener_is_named():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        reachable = doctor.loopback_reachable(doctor.listening_tcp())
+        check = doctor.check_user_net_loopback()
+    assert f"127.0.0.1:{port}" in reachable
+    assert check.status == "warn" and not check.required
+    assert reachable[0] in check.detail and "10.0.2.2" in check.detail
+    assert "restrict=on" in check.fix
