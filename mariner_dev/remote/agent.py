@@ -27,9 +27,9 @@ from .client import lock_path, socket_path
 from .target import GuestTarget
 
 GIVE_UP_AFTER = 600.0        # seconds unreachable with nothing to serve
-WATCH_INTERVAL = 5.0
+WATCH_INTERVAL = 2.0
 KEEPALIVE = 5.0
-CONNECT_WAIT = 30.0          # how long an exec waits for the connection (VM booting)
+CONNECT_WAIT = 15.0          # at most this long for one connection attempt an exec waits on
 
 
 def log(message: str) -> None:
@@ -46,6 +46,8 @@ class Agent:
         self.conn = None
         self.connected = asyncio.Event()
         self.kick = asyncio.Event()
+        self.attempts = 0            # failed connection attempts so far
+        self.attempted = asyncio.Condition()
         self.stopping = asyncio.Event()
         self.last_error = "not connected yet"
         self.unreachable_since: float | None = None
@@ -80,6 +82,9 @@ class Agent:
                 self.last_error = exc.message
                 if self.unreachable_since is None:
                     self.unreachable_since = time.monotonic()
+                async with self.attempted:
+                    self.attempts += 1
+                    self.attempted.notify_all()
                 # A wrong host key will not fix itself: retry only when asked.
                 wait = 30.0 if isinstance(exc, (HostKeyMismatch, NotPinned)) else delay
                 delay = min(delay * 2, 5.0)
@@ -93,6 +98,8 @@ class Agent:
             self.unreachable_since = None
             self.conn = conn
             self.connected.set()
+            async with self.attempted:
+                self.attempted.notify_all()
             log(f"connected to {self.target.describe()}")
             await conn.wait_closed()
             self.connected.clear()
@@ -101,15 +108,26 @@ class Agent:
             log("connection closed; reconnecting")
 
     async def get_conn(self):
+        """The held connection; else the outcome of a fresh attempt (an exec fails fast with
+        the reason when the VM is down, as ssh would, rather than wait for it to boot)."""
         from ..errors import GuestUnreachable
 
         if self.conn is not None and self.connected.is_set():
             return self.conn
+        seen = self.attempts
         self.kick.set()
+
+        async def settled():
+            async with self.attempted:
+                await self.attempted.wait_for(
+                    lambda: self.connected.is_set() or self.attempts > seen)
+
         try:
-            await asyncio.wait_for(self.connected.wait(), CONNECT_WAIT)
+            await asyncio.wait_for(settled(), CONNECT_WAIT)
         except asyncio.TimeoutError:
             raise GuestUnreachable(self.last_error) from None
+        if self.conn is None or not self.connected.is_set():
+            raise GuestUnreachable(self.last_error)
         return self.conn
 
     async def _watch(self) -> None:

@@ -146,28 +146,41 @@ def run_exec(target: "GuestTarget", request: "ExecRequest", fds=(0, 1, 2), on_re
     sock = _open(target.name)
     with sock:
         sent = [fd for fd in fds if fd is not None]
-        _handshake(sock, _hello(target, "exec", request.to_json()), sent)
-        if on_ready is not None:
-            on_ready()
+        ready = False
+        pending: list[bytes] = []
 
-        def forward(signum, _frame):
+        def send(frame: bytes) -> None:
+            # Signals that arrive before the agent said READY are sent right after it.
+            if not ready:
+                pending.append(frame)
+                return
             try:
-                sock.sendall(proto.frame(proto.SIGNAL, signal.Signals(signum).name[3:].encode()))
+                sock.sendall(frame)
             except OSError:
                 pass
+
+        def forward(signum, _frame):
+            send(proto.frame(proto.SIGNAL, signal.Signals(signum).name[3:].encode()))
 
         def resize(_signum, _frame):
             cols, rows = window_size(fds[1])
-            try:
-                sock.sendall(proto.frame(proto.RESIZE,
-                                         json.dumps({"cols": cols, "rows": rows}).encode()))
-            except OSError:
-                pass
+            send(proto.frame(proto.RESIZE, json.dumps({"cols": cols, "rows": rows}).encode()))
 
         wanted = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT]
         saved = {s: signal.signal(s, forward) for s in wanted}
         if request.tty:
             saved[signal.SIGWINCH] = signal.signal(signal.SIGWINCH, resize)
+        try:
+            _handshake(sock, _hello(target, "exec", request.to_json()), sent)
+        except BaseException:
+            for s, handler in saved.items():
+                signal.signal(s, handler)
+            raise
+        if on_ready is not None:
+            on_ready()
+        ready = True
+        for frame in pending:
+            send(frame)
         try:
             with raw_mode(fds[0] if fds[0] is not None else 0,
                           enabled=request.tty and request.stdin and fds[0] is not None):

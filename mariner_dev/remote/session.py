@@ -312,6 +312,7 @@ class RemoteProcess:
         self._broken = False
         self._pump: _StdinPump | None = None
         self._pump_waiting = False
+        self._early_signals: list[str] = []
         out_fd, err_fd = fds[1], fds[2]
         self._out = _Writer(out_fd, self._on_low_threadsafe, self._on_broken_threadsafe)
         self._err = self._out if err_fd == out_fd else _Writer(
@@ -392,11 +393,18 @@ class RemoteProcess:
     # -- public --------------------------------------------------------------------------
     def signal(self, name: str) -> None:
         """Deliver signal `name` (e.g. "INT") to the remote process group."""
-        if self.chan is not None and not self.done.done():
+        if self.chan is None:
+            self._early_signals.append(name)  # before start(): sent once it started
+        elif not self.done.done():
             try:
                 self.chan.send_signal(name)
             except (asyncssh.Error, OSError, ValueError):
                 pass
+
+    def flush_signals(self) -> None:
+        early, self._early_signals = self._early_signals, []
+        for name in early:
+            self.signal(name)
 
     def resize(self, cols: int, rows: int) -> None:
         if self.chan is not None and self.request.tty and not self.done.done():
@@ -450,19 +458,22 @@ async def run_on(conn, request: ExecRequest, fds, name: str, on_started=None) ->
 async def _direct(target: GuestTarget, request: ExecRequest, fds, trust_new: bool) -> Outcome:
     conn = await connect(target, trust_new=trust_new)
     loop = asyncio.get_running_loop()
+    proc = RemoteProcess(conn, request, fds, target.name)
     handled = []
     try:
-        proc = RemoteProcess(conn, request, fds, target.name)
-        await proc.start()
-        for signum in (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT):
-            loop.add_signal_handler(signum, proc.signal, _signal.Signals(signum).name[3:])
-            handled.append(signum)
-        if request.tty:
-            from .terminal import window_size
+        # Handlers go in before the command starts, so that no signal is lost in between.
+        if threading.current_thread() is threading.main_thread():
+            for signum in (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT):
+                loop.add_signal_handler(signum, proc.signal, _signal.Signals(signum).name[3:])
+                handled.append(signum)
+            if request.tty:
+                from .terminal import window_size
 
-            loop.add_signal_handler(_signal.SIGWINCH,
-                                    lambda: proc.resize(*window_size(fds[1])))
-            handled.append(_signal.SIGWINCH)
+                loop.add_signal_handler(_signal.SIGWINCH,
+                                        lambda: proc.resize(*window_size(fds[1])))
+                handled.append(_signal.SIGWINCH)
+        await proc.start()
+        proc.flush_signals()
         return await proc.wait()
     finally:
         for signum in handled:

@@ -55,10 +55,12 @@ def start_guest(base: Path, authorized_key: Path | None = None) -> Guest:
     uid, home = ensure_guest_user(user) if GUEST_USER else (os.getuid(), Path.home())
     base.mkdir(parents=True, exist_ok=True)
     key = generate_client_key(base / "client" / "id_ed25519")
-    authorized = base / "authorized_keys"
-    authorized.write_text((authorized_key or key.with_name(key.name + ".pub")).read_text())
     scratch = Path(tempfile.mkdtemp(prefix="mrg-", dir="/tmp"))
     os.chmod(scratch, 0o755)
+    # sshd reads AuthorizedKeysFile as the guest account: it must not sit in a 0700 tmp dir.
+    authorized = scratch / "authorized_keys"
+    authorized.write_text((authorized_key or key.with_name(key.name + ".pub")).read_text())
+    os.chmod(authorized, 0o644)
     sshd = GuestSshd(base / "sshd", free_port(), user, authorized)
     sshd.start()
     return Guest(sshd=sshd, user=user, uid=uid, home=home, key=key, scratch=scratch)
