@@ -1,0 +1,79 @@
+"""Dotfiles sync: `[dotfiles] files` over SFTP, the dotfiles repository, `--watch`.
+
+Importing this package is cheap (no asyncssh): the heavy modules load when a sync runs.
+
+Entry points:
+    sync_dotfiles(cfg, record)            `up`: first boot and after a rebuild (installs again)
+    sync_once(cfg, record, dry_run=...)   `mariner sync`
+    sync_over(conn, spec, ...)            on a connection someone already holds (the agent)
+    watch(cfg, record, out)               `mariner sync --watch`
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from .engine import SyncReport, SyncSpec
+
+
+def spec_for(cfg, guest_root: str | None = None):
+    """The resolved sync spec of a project (see engine.SyncSpec)."""
+    from .engine import spec_for as _spec_for
+
+    return _spec_for(cfg, guest_root)
+
+
+def config_fingerprint(cfg) -> str:
+    """The `[dotfiles]` settings' fingerprint; `up` may re-sync when the stored one differs."""
+    from .engine import config_fingerprint as _fp
+
+    return _fp(cfg)
+
+
+async def sync_over(conn, spec: "SyncSpec", **kwargs) -> "SyncReport":
+    """One sync pass over an already open asyncssh connection (see engine.sync_over)."""
+    from .engine import sync_over as _sync_over
+
+    return await _sync_over(conn, spec, **kwargs)
+
+
+async def _connect_and_sync(target, spec, **kwargs) -> "SyncReport":
+    from ..remote.session import connect
+    from .engine import sync_over as _sync_over
+
+    conn = await connect(target)
+    try:
+        return await _sync_over(conn, spec, **kwargs)
+    finally:
+        conn.close()
+        await conn.wait_closed()
+
+
+def sync_once(cfg, record, *, dry_run: bool = False, install: bool = False,
+              guest_root: str | None = None) -> "SyncReport":
+    """Connect to the VM and sync its dotfiles now (`mariner sync`)."""
+    from ..remote.target import target_for
+    from .engine import spec_for as _spec_for
+
+    target = target_for(cfg, record)
+    spec = _spec_for(cfg, guest_root)
+    return asyncio.run(_connect_and_sync(target, spec, dry_run=dry_run, install=install))
+
+
+def sync_dotfiles(cfg, record, *, guest_root: str | None = None) -> "SyncReport":
+    """`up`'s sync at first boot and after a rebuild: files, then clone/update and install.
+
+    `report.fingerprint` is the `[dotfiles]` settings' fingerprint (config_fingerprint);
+    `report.warnings` lists refused secrets and skipped files, one line each.
+    """
+    return sync_once(cfg, record, install=True, guest_root=guest_root)
+
+
+def watch(cfg, record, out: Callable[[str], None], *, guest_root: str | None = None,
+          ready: Callable[[], None] | None = None) -> None:
+    """Watch the host files and sync each burst of changes until SIGINT/SIGTERM."""
+    from .watch import run_watch
+
+    run_watch(cfg, record, out, guest_root=guest_root, ready=ready)

@@ -1,0 +1,92 @@
+"""The per-VM record of what mariner put in the guest, in MARINER_HOME/vms/<name>/.
+
+For each path: what it was on the host when synced (size, mtime, mode, content hash) and what
+the guest reported right after (size, mtime), so the next sync can tell an unchanged file from
+one edited on either side, and removes in the guest only what mariner put there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from .. import paths
+from ..fsutil import file_lock, write_atomic
+from .tree import check_rel
+
+VERSION = 1
+
+
+@dataclass
+class Entry:
+    kind: str                     # "file" | "dir" | "link"
+    size: int = 0
+    mtime_ns: int = 0
+    mode: int = 0
+    hash: str | None = None
+    guest_size: int | None = None
+    guest_mtime: int | None = None
+    target: str | None = None
+    secret: str | None = None     # an allowed secret: what it is (re-checked against allow)
+    owned: bool = True            # dirs: created by mariner (removed when empty and unlisted)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Entry":
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class Manifest:
+    root: str | None = None       # the guest home the entries are relative to
+    entries: dict[str, Entry] = field(default_factory=dict)
+    repository: dict | None = None
+
+    def to_json(self) -> dict:
+        return {"version": VERSION, "root": self.root,
+                "entries": {rel: asdict(e) for rel, e in sorted(self.entries.items())},
+                "repository": self.repository}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Manifest":
+        entries = {}
+        for rel, raw in (data.get("entries") or {}).items():
+            # A hand-edited or corrupted manifest must never name a path outside the home.
+            if isinstance(rel, str) and check_rel(rel) and isinstance(raw, dict):
+                try:
+                    entries[rel] = Entry.from_json(raw)
+                except TypeError:
+                    continue
+        return cls(root=data.get("root"), entries=entries, repository=data.get("repository"))
+
+
+def manifest_file(name: str) -> Path:
+    return paths.vm_dir(name) / "dotfiles.json"
+
+
+def load(name: str) -> Manifest:
+    try:
+        data = json.loads(manifest_file(name).read_text())
+    except (FileNotFoundError, ValueError):
+        return Manifest()
+    if not isinstance(data, dict) or data.get("version") != VERSION:
+        return Manifest()
+    return Manifest.from_json(data)
+
+
+def save(name: str, manifest: Manifest) -> None:
+    paths.ensure_private_dir(paths.vm_dir(name))
+    write_atomic(manifest_file(name), json.dumps(manifest.to_json(), indent=1) + "\n",
+                 mode=0o600)
+
+
+@contextlib.contextmanager
+def locked(name: str) -> Iterator[None]:
+    """One sync of a VM at a time (`sync`, `sync --watch`, `up` and the agent may overlap)."""
+    paths.ensure_private_dir(paths.vm_dir(name))
+    with file_lock(paths.vm_dir(name) / "dotfiles.lock", what=f"the dotfiles of VM {name}",
+                   timeout=120):
+        yield

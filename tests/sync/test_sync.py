@@ -1,0 +1,208 @@
+"""Dotfiles sync against a real sshd: initial, no-op, changes both sides, modes, mtimes."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from mariner_dev.sync import sync_once
+
+
+def write(path: Path, text: str | bytes, mode: int = 0o644, mtime: int | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, str):
+        text = text.encode()
+    path.write_bytes(text)
+    os.chmod(path, mode)
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+    return path
+
+
+def give_to_guest(root: Path) -> None:
+    """Files the test made in the guest's tree as root belong to the guest account, as if the
+    guest had made them."""
+    owner = root.stat()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            os.lchown(Path(dirpath) / name, owner.st_uid, owner.st_gid)
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every path under `root`: (kind, content or link target, mode, mtime, inode)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            rel = str(p.relative_to(root))
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(p), None, None, st.st_ino)
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", None, stat.S_IMODE(st.st_mode), int(st.st_mtime), st.st_ino)
+            else:
+                out[rel] = ("file", p.read_bytes(), stat.S_IMODE(st.st_mode), int(st.st_mtime),
+                            st.st_ino)
+    return out
+
+
+@pytest.fixture
+def dotfiles(home, project):
+    """A typical set of dotfiles and a registered project syncing them."""
+    write(home / ".gitconfig", "[user]\n\tname = Dev\n", 0o644, 1_600_000_000)
+    write(home / ".config/nvim/init.lua", "vim.o.number = true\n", 0o600, 1_600_000_100)
+    write(home / ".config/nvim/lua/plugins.lua", "return {}\n", 0o644, 1_600_000_200)
+    write(home / ".local/bin/tool", "#!/bin/sh\necho hi\n", 0o755, 1_600_000_300)
+    os.utime(home / ".config/nvim/lua", (1_600_000_400, 1_600_000_400))
+    p = project('files = ["~/.gitconfig", "~/.config/nvim", "~/.local/bin/tool"]\n')
+    return p.register()
+
+
+def test_initial_sync_copies_files_modes_and_mtimes(dotfiles, guest_root, home):
+    cfg, record = dotfiles
+    report = sync_once(cfg, record, guest_root=str(guest_root))
+    assert sorted(c.rel for c in report.changes) == [
+        ".config/nvim/init.lua", ".config/nvim/lua/plugins.lua", ".gitconfig", ".local/bin/tool"]
+    assert all(c.action == "added" for c in report.changes)
+    got = snapshot(guest_root)
+    assert got[".gitconfig"][:4] == ("file", b"[user]\n\tname = Dev\n", 0o644, 1_600_000_000)
+    assert got[".config/nvim/init.lua"][:4] == ("file", b"vim.o.number = true\n", 0o600,
+                                                1_600_000_100)
+    assert got[".local/bin/tool"][2:4] == (0o755, 1_600_000_300)
+    assert got[".config/nvim/lua"][0] == "dir"
+    assert got[".config/nvim/lua"][3] == 1_600_000_400
+    assert report.bytes_sent == sum(len(v[1]) for v in got.values() if v[0] == "file")
+
+
+def test_noop_resync_transfers_nothing_and_touches_nothing(dotfiles, guest_root):
+    cfg, record = dotfiles
+    sync_once(cfg, record, guest_root=str(guest_root))
+    before = snapshot(guest_root)
+    report = sync_once(cfg, record, guest_root=str(guest_root))
+    assert report.changes == []
+    assert report.bytes_sent == 0
+    assert report.checked == 6
+    assert snapshot(guest_root) == before   # same inodes, mtimes, modes: nothing rewritten
+
+
+def actions(report) -> dict[str, str]:
+    return {c.rel: c.action for c in report.changes}
+
+
+def test_host_changes_additions_and_deletions_propagate(dotfiles, guest_root, home):
+    cfg, record = dotfiles
+    sync_once(cfg, record, guest_root=str(guest_root))
+    write(home / ".gitconfig", "[user]\n\tname = Changed\n", 0o644, 1_700_000_000)
+    write(home / ".config/nvim/lua/new.lua", "-- new\n", 0o640, 1_700_000_100)
+    (home / ".config/nvim/init.lua").unlink()
+    os.chmod(home / ".local/bin/tool", 0o700)
+    report = sync_once(cfg, record, guest_root=str(guest_root))
+    assert actions(report) == {".gitconfig": "updated", ".config/nvim/lua/new.lua": "added",
+                               ".config/nvim/init.lua": "removed", ".local/bin/tool": "mode"}
+    got = snapshot(guest_root)
+    assert got[".gitconfig"][1:4] == (b"[user]\n\tname = Changed\n", 0o644, 1_700_000_000)
+    assert got[".config/nvim/lua/new.lua"][1:4] == (b"-- new\n", 0o640, 1_700_000_100)
+    assert ".config/nvim/init.lua" not in got
+    assert got[".local/bin/tool"][2] == 0o700
+    assert report.bytes_sent == len(b"[user]\n\tname = Changed\n") + len(b"-- new\n")
+
+
+def test_touch_on_the_host_sets_the_mtime_without_sending(dotfiles, guest_root, home):
+    cfg, record = dotfiles
+    sync_once(cfg, record, guest_root=str(guest_root))
+    os.utime(home / ".gitconfig", (1_650_000_000, 1_650_000_000))
+    report = sync_once(cfg, record, guest_root=str(guest_root))
+    assert actions(report) == {".gitconfig": "touched"}
+    assert report.bytes_sent == 0
+    assert int((guest_root / ".gitconfig").stat().st_mtime) == 1_650_000_000
+
+
+def test_files_edited_or_deleted_in_the_guest_are_restored(dotfiles, guest_root):
+    cfg, record = dotfiles
+    sync_once(cfg, record, guest_root=str(guest_root))
+    (guest_root / ".gitconfig").write_text("edited in the guest")
+    (guest_root / ".config/nvim/lua/plugins.lua").unlink()
+    os.chmod(guest_root / ".config/nvim/init.lua", 0o666)
+    report = sync_once(cfg, record, guest_root=str(guest_root))
+    assert actions(report) == {".gitconfig": "restored", ".config/nvim/lua/plugins.lua": "restored",
+                               ".config/nvim/init.lua": "mode"}
+    got = snapshot(guest_root)
+    assert got[".gitconfig"][1] == b"[user]\n\tname = Dev\n"
+    assert got[".config/nvim/lua/plugins.lua"][1:4] == (b"return {}\n", 0o644, 1_600_000_200)
+    assert got[".config/nvim/init.lua"][2] == 0o600
+
+
+def test_removal_touches_only_what_mariner_put_there(dotfiles, guest_root, home, project):
+    cfg, record = dotfiles
+    (guest_root / ".config/nvim").mkdir(parents=True)
+    (guest_root / ".config/nvim/guest-own.txt").write_text("the guest's own file")
+    (guest_root / ".config/other").mkdir()
+    give_to_guest(guest_root)
+    sync_once(cfg, record, guest_root=str(guest_root))
+    # The whole nvim entry leaves the config: mariner's files go, the guest's stay.
+    cfg2, record2 = project('files = ["~/.gitconfig", "~/.local/bin/tool"]\n').register()
+    report = sync_once(cfg2, record2, guest_root=str(guest_root))
+    assert actions(report) == {".config/nvim/init.lua": "removed",
+                               ".config/nvim/lua/plugins.lua": "removed"}
+    got = snapshot(guest_root)
+    assert got[".config/nvim/guest-own.txt"][1] == b"the guest's own file"
+    assert ".config/nvim/lua" not in got             # created by mariner, now empty
+    assert ".config/other" in got
+    assert ".gitconfig" in got and ".local/bin/tool" in got
+
+
+def test_dry_run_changes_nothing(dotfiles, guest_root):
+    cfg, record = dotfiles
+    report = sync_once(cfg, record, guest_root=str(guest_root), dry_run=True)
+    assert report.dry_run and len(report.changes) == 4
+    assert report.lines()[0].startswith("would be added")
+    assert os.listdir(guest_root) == []
+    report = sync_once(cfg, record, guest_root=str(guest_root))
+    assert len(report.changes) == 4       # the dry run recorded nothing
+
+
+def test_symlinks_inside_the_tree_are_kept_escaping_ones_skipped(home, project, guest_root):
+    write(home / ".config/app/real.conf", "x = 1\n")
+    (home / ".config/app/alias.conf").symlink_to("real.conf")
+    (home / ".config/app/abs.conf").symlink_to(home / ".config/app/real.conf")
+    (home / ".config/app/dangling").symlink_to("sub/none")
+    (home / ".config/app/passwd").symlink_to("/etc/passwd")
+    (home / ".config/app/up").symlink_to("../../.bashrc")
+    cfg, record = project('files = ["~/.config/app"]\n').register()
+    report = sync_once(cfg, record, guest_root=str(guest_root))
+    app = guest_root / ".config/app"
+    assert os.readlink(app / "alias.conf") == "real.conf"
+    assert os.readlink(app / "abs.conf") == "real.conf"    # rewritten relative to the guest
+    assert os.readlink(app / "dangling") == "sub/none"
+    assert not (app / "passwd").exists() and not (app / "passwd").is_symlink()
+    assert not (app / "up").is_symlink()
+    skipped = dict(report.skipped)
+    assert "outside the synced files" in skipped[".config/app/passwd"]
+    assert "outside the synced files" in skipped[".config/app/up"]
+    assert any("skipped ~/.config/app/passwd" in w for w in report.warnings)
+    # A link edited in the guest to point elsewhere is put back.
+    (app / "alias.conf").unlink()
+    (app / "alias.conf").symlink_to("/etc/shadow")
+    give_to_guest(guest_root)
+    report = sync_once(cfg, record, guest_root=str(guest_root))
+    assert actions(report) == {".config/app/alias.conf": "restored"}
+    assert os.readlink(app / "alias.conf") == "real.conf"
+
+
+def test_a_file_that_became_a_directory_and_back(dotfiles, guest_root, home):
+    cfg, record = dotfiles
+    sync_once(cfg, record, guest_root=str(guest_root))
+    lua = home / ".config/nvim/lua"
+    for p in lua.iterdir():
+        p.unlink()
+    lua.rmdir()
+    write(lua, "now a file\n")
+    sync_once(cfg, record, guest_root=str(guest_root))
+    assert (guest_root / ".config/nvim/lua").read_text() == "now a file\n"
+    lua.unlink()
+    write(lua / "again.lua", "dir again\n")
+    sync_once(cfg, record, guest_root=str(guest_root))
+    assert (guest_root / ".config/nvim/lua/again.lua").read_text() == "dir again\n"
