@@ -39,7 +39,8 @@ def gcroots_dir() -> Path:
 
 
 def unit_name(name: str) -> str:
-    return f"microvm@{name}.service"
+    """The VM's systemd unit as mariner names it on command lines (systemd adds .service)."""
+    return f"microvm@{name}"
 
 
 def _readlink(path: Path) -> str | None:
@@ -202,7 +203,7 @@ class MicrovmHost(HostBackend):
         result = runner.run("systemctl", ["show", "--property=" + ",".join(_SHOW_PROPERTIES),
                                           *units])
         blocks = _parse_show(result.stdout)
-        by_id = {block.get("Id"): block for block in blocks}
+        by_id = {block.get("Id", "").removesuffix(".service"): block for block in blocks}
         statuses = {}
         for index, name in enumerate(names):
             block = by_id.get(units[index]) or (blocks[index] if index < len(blocks) else {})

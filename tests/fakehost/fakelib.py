@@ -19,8 +19,9 @@ so the guest gets what the flake says, never what a test assumes. The <hash> dep
 what would change the real system (the Nix sources, parsed, and the evaluated vm.nix), so an
 unchanged re-render keeps `current` where it was, like Nix would.
 
-Every invocation of a fake is appended to $MARINER_FAKEHOST_LOG (JSON lines:
-{"prog", "argv", "cwd", "time"}) when that is set.
+Every invocation of a fake is appended to $MARINER_FAKEHOST_LOG when that is set, one JSON
+line each: {"prog": "systemctl", "argv": [the arguments after the program], "path": the
+program as invoked (absolute when mariner's runner ran it), "cwd", "time"}.
 
 Knobs (environment variables, read when the command runs):
     MARINER_FAKE_BUILD_FAIL="<text>"  `microvm -c/-u` prints <text> on stderr and exits 1
@@ -100,8 +101,8 @@ def record_invocation(prog: str) -> None:
     log = os.environ.get("MARINER_FAKEHOST_LOG")
     if not log:
         return
-    line = json.dumps({"prog": prog, "argv": sys.argv, "cwd": os.getcwd(),
-                       "time": time.time()}) + "\n"
+    line = json.dumps({"prog": prog, "argv": sys.argv[1:], "path": sys.argv[0],
+                       "cwd": os.getcwd(), "time": time.time()}) + "\n"
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())

@@ -78,13 +78,9 @@ class FakeHost:
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     def commands(self, prog: str | None = None) -> list[list[str]]:
-        """Every fake command run so far (argv with argv[0] shortened to its name), in order."""
-        out = []
-        for record in self.records():
-            argv = [os.path.basename(record["argv"][0]), *record["argv"][1:]]
-            if prog is None or argv[0] == prog:
-                out.append(argv)
-        return out
+        """Every fake command run so far as [prog, *arguments], in order."""
+        return [[record["prog"], *record["argv"]] for record in self.records()
+                if prog is None or record["prog"] == prog]
 
     def clear_log(self) -> None:
         self.log_file.write_text("")
