@@ -46,7 +46,8 @@ class Agent:
         self.conn = None
         self.connected = asyncio.Event()
         self.kick = asyncio.Event()
-        self.attempts = 0            # failed connection attempts so far
+        self.started = 0             # connection attempts started so far
+        self.failed = 0              # the number of the last attempt that failed
         self.attempted = asyncio.Condition()
         self.stopping = asyncio.Event()
         self.last_error = "not connected yet"
@@ -76,6 +77,10 @@ class Agent:
 
         delay = 0.2
         while not self.stopping.is_set():
+            # A kick that arrives while this attempt runs asks for another one right after.
+            self.kick.clear()
+            self.started += 1
+            seq = self.started
             try:
                 conn = await session.connect(self.target, keepalive=KEEPALIVE)
             except GuestUnreachable as exc:
@@ -83,12 +88,11 @@ class Agent:
                 if self.unreachable_since is None:
                     self.unreachable_since = time.monotonic()
                 async with self.attempted:
-                    self.attempts += 1
+                    self.failed = seq
                     self.attempted.notify_all()
                 # A wrong host key will not fix itself: retry only when asked.
                 wait = 30.0 if isinstance(exc, (HostKeyMismatch, NotPinned)) else delay
                 delay = min(delay * 2, 5.0)
-                self.kick.clear()
                 try:
                     await asyncio.wait_for(self.kick.wait(), wait)
                 except asyncio.TimeoutError:
@@ -114,13 +118,15 @@ class Agent:
 
         if self.conn is not None and self.connected.is_set():
             return self.conn
-        seen = self.attempts
+        # Only an attempt that starts after this request counts: one already under way may
+        # have begun while the VM was still restarting.
+        wanted = self.started + 1
         self.kick.set()
 
         async def settled():
             async with self.attempted:
                 await self.attempted.wait_for(
-                    lambda: self.connected.is_set() or self.attempts > seen)
+                    lambda: self.connected.is_set() or self.failed >= wanted)
 
         try:
             await asyncio.wait_for(settled(), CONNECT_WAIT)

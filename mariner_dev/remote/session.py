@@ -23,7 +23,7 @@ import asyncssh
 
 from ..errors import GuestUnreachable
 from .command import ExecRequest
-from .target import VSOCK_SSH_PORT, GuestTarget, tcp_reachable, transport_preference
+from .target import VSOCK_SSH_PORT, GuestTarget, transport_preference
 from .trust import HostKeyMismatch, NotPinned, pin_host_key, pinned_keys
 
 WINDOW = 8 * 1024 * 1024
@@ -59,27 +59,57 @@ def _identity_options(target: GuestTarget) -> dict:
     return {"client_keys": [key], "agent_path": None}
 
 
-async def _open_socket(target: GuestTarget, timeout: float) -> tuple[socket.socket | None, str]:
-    """Choose the transport: TCP when reachable (or forced), else AF_VSOCK to the guest's cid."""
-    pref = transport_preference()
-    use_vsock = pref == "vsock" or target.host is None
-    if pref == "auto" and not use_vsock and target.vsock_cid is not None \
-            and hasattr(socket, "AF_VSOCK") and os.path.exists("/dev/vsock"):
-        loop = asyncio.get_running_loop()
-        use_vsock = not await loop.run_in_executor(None, tcp_reachable, target, min(timeout, 1.0))
-    if not use_vsock:
-        return None, f"{target.host}:{target.port}"
-    if target.vsock_cid is None or not hasattr(socket, "AF_VSOCK"):
-        raise GuestUnreachable(f"VM {target.name} has no vsock address to connect to")
-    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+async def _connect_socket(family: int, address, timeout: float) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
-        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(
-            sock, (target.vsock_cid, VSOCK_SSH_PORT)), timeout)
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, address), timeout)
     except BaseException:
         sock.close()
         raise
-    return sock, f"vsock cid {target.vsock_cid}"
+    return sock
+
+
+def _vsock_available(target: GuestTarget) -> bool:
+    return target.vsock_cid is not None and hasattr(socket, "AF_VSOCK") \
+        and os.path.exists("/dev/vsock")
+
+
+async def _open_socket(target: GuestTarget, timeout: float) -> tuple[socket.socket, str]:
+    """The transport: TCP (bridge address or user-mode loopback port) when it answers, else
+    AF_VSOCK to the guest's cid; MARINER_TRANSPORT=tcp|vsock forces one."""
+    pref = transport_preference()
+    errors = []
+    if pref != "vsock" and target.host is not None:
+        where = f"{target.host}:{target.port}"
+        try:
+            return await _connect_socket(socket.AF_INET, (target.host, target.port),
+                                         timeout), where
+        except (OSError, asyncio.TimeoutError) as exc:
+            errors.append(f"{where}: {_reason(exc)}")
+            if pref == "tcp" or not _vsock_available(target):
+                raise GuestUnreachable(_unreachable(target, "; ".join(errors))) from None
+    where = f"vsock cid {target.vsock_cid}"
+    if not _vsock_available(target):
+        raise GuestUnreachable(_unreachable(target, f"{where}: this host has no usable vsock"))
+    try:
+        # A fallback only: a short timeout, so that a VM that is down fails fast.
+        return await _connect_socket(socket.AF_VSOCK, (target.vsock_cid, VSOCK_SSH_PORT),
+                                     timeout if pref == "vsock" else min(timeout, 1.0)), where
+    except (OSError, asyncio.TimeoutError) as exc:
+        errors.append(f"{where}: {_reason(exc)}")
+        raise GuestUnreachable(_unreachable(target, "; ".join(errors))) from None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    return getattr(exc, "strerror", None) or str(exc) or exc.__class__.__name__
+
+
+def _unreachable(target: GuestTarget, detail: str) -> str:
+    return (f"cannot reach VM {target.name} over SSH ({detail}); is it running? "
+            f"`mariner up` starts it")
 
 
 async def connect(target: GuestTarget, *, pin: bool = False, trust_new: bool = False,
@@ -102,13 +132,10 @@ async def connect(target: GuestTarget, *, pin: bool = False, trust_new: bool = F
         connect_timeout=timeout, login_timeout=timeout,
         keepalive_interval=keepalive, keepalive_count_max=3,
         **_identity_options(target))
-    sock, where = None, target.describe()
+    sock, where = await _open_socket(target, timeout)
     try:
-        sock, where = await _open_socket(target, timeout)
-        if sock is not None:
-            conn = await asyncssh.connect(target.alias, sock=sock, **options)
-        else:
-            conn = await asyncssh.connect(target.host, target.port, **options)
+        conn = await asyncssh.connect(target.host or target.alias, target.port, sock=sock,
+                                      **options)
     except asyncssh.HostKeyNotVerifiable:
         raise HostKeyMismatch(target.name, target.known_hosts) from None
     except asyncssh.PermissionDenied:
@@ -116,11 +143,8 @@ async def connect(target: GuestTarget, *, pin: bool = False, trust_new: bool = F
             f"VM {target.name} refused mariner's key {target.identity} for user "
             f"{target.user!r} at {where}; `mariner up` re-applies the authorized key") from None
     except (OSError, asyncssh.Error, asyncio.TimeoutError, EOFError) as exc:
-        if sock is not None:
-            sock.close()
-        reason = str(exc) or exc.__class__.__name__
-        raise GuestUnreachable(f"cannot reach VM {target.name} over SSH at {where} ({reason}); "
-                               f"is it running? `mariner up` starts it") from None
+        sock.close()
+        raise GuestUnreachable(_unreachable(target, f"{where}: {_reason(exc)}")) from None
     if not pinned:
         key = conn.get_server_host_key()
         if key is not None:
