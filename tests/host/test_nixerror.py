@@ -49,13 +49,13 @@ error:
        at {STORE}/vm.nix:40:3:
 """
 
-UNDEFINED_IN_MODULE = f"""\
+UNDEFINED_IN_MODULE = """\
 error: undefined variable 'pkgs'
 
        at /home/me/.local/state/mariner/vms/api/flake/modules/1-db.nix:2:33:
 
-            1| {{ ... }}:
-            2| {{ environment.systemPackages = [ pkgs.git ]; }}
+            1| { ... }:
+            2| { environment.systemPackages = [ pkgs.git ]; }
 """
 
 NO_OPTION_FROM_VM_NIX = f"""\
@@ -71,7 +71,7 @@ error: The option `services.postgress' does not exist. Definition values:
            }}
 """
 
-REMOVED_OPTION = f"""\
+REMOVED_OPTION = """\
 error: The option `microvm.balloonMem' can no longer be used since it's been removed. Use microvm.balloon
 """
 

@@ -37,7 +37,7 @@ def test_command_is_resolved_to_an_absolute_path_and_logged(bindir, caplog, monk
 def test_relative_path_entry_on_PATH_still_gives_an_absolute_argv(bindir, monkeypatch):
     script(bindir, "nix", "exit 0")
     monkeypatch.chdir(bindir.parent)
-    monkeypatch.setenv("PATH", f"bin:/usr/bin:/bin")
+    monkeypatch.setenv("PATH", "bin:/usr/bin:/bin")
     assert runner.command_argv("nix", ["--version"]) == [str(bindir / "nix"), "--version"]
 
 
