@@ -461,6 +461,19 @@ def _unmount_shares(made: list[str]) -> None:
                 os.unlink(target)
 
 
+KEYDIR_PREFIX = "mariner-fakeguest-"
+
+
+def _collect_stale_keydirs() -> None:
+    """Remove key dirs whose VM directory is gone (a test that deleted its microvms dir
+    without stopping the unit)."""
+    for keydir in Path("/tmp").glob(f"{KEYDIR_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            owner = (keydir / "owner").read_text()
+            if not os.path.isdir(owner):
+                shutil.rmtree(keydir, ignore_errors=True)
+
+
 def _authorized_keys_file(name: str, user: str, key: str) -> tuple[Path, str | None]:
     """sshd reads the file as the guest user: when that is another account than ours, the
     VM's directory (inside a private temp dir) is out of its reach, so use a world-traversable
@@ -472,8 +485,10 @@ def _authorized_keys_file(name: str, user: str, key: str) -> tuple[Path, str | N
     except KeyError:
         other = os.geteuid() == 0  # guest_sshd creates the account when root
     if other:
-        keydir = Path(tempfile.mkdtemp(prefix=f"mariner-fakeguest-{name}-", dir="/tmp"))
+        _collect_stale_keydirs()
+        keydir = Path(tempfile.mkdtemp(prefix=f"{KEYDIR_PREFIX}{name}-", dir="/tmp"))
         keydir.chmod(0o755)
+        (keydir / "owner").write_text(str(vm_dir(name)))
     else:
         keydir = vm_dir(name) / "guest"
         keydir.mkdir(parents=True, exist_ok=True)

@@ -233,3 +233,26 @@ def test_build_snapshot_is_what_boots(fakehost, flake):
     guest = json.loads((fakehost.vm_dir("api") / "current" / "share" / "microvm"
                         / "guest.json").read_text())
     assert guest["vm"]["mariner"]["cid"] == 8
+
+
+def test_stale_guest_key_dirs_are_collected(fakehost, flake, tmp_path):
+    """As root the guest's authorized_keys live in /tmp (the guest account cannot reach the
+    VM dir); a key dir whose VM directory vanished without a stop is removed at the next boot."""
+    import tempfile
+    from pathlib import Path
+
+    stale = Path(tempfile.mkdtemp(prefix="mariner-fakeguest-gone-", dir="/tmp"))
+    (stale / "owner").write_text(str(tmp_path / "no-such-vm-dir"))
+    create(fakehost, f"path:{flake}")
+    fakehost.run("systemctl", "start", "microvm@api")
+    wait_for(lambda: fakehost.unit_record("api").get("sshd_port"), what="the guest's sshd")
+    keydir = fakehost.unit_record("api").get("keydir")
+    if os.geteuid() == 0:
+        assert not stale.exists()
+        assert keydir and (Path(keydir) / "authorized_keys").is_file()
+    else:  # the guest account is ours: the keys stay in the VM dir
+        assert stale.exists() and keydir is None
+        stale.joinpath("owner").unlink()
+        stale.rmdir()
+    fakehost.run("systemctl", "stop", "microvm@api")
+    assert keydir is None or not os.path.exists(keydir)
