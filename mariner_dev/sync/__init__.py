@@ -18,6 +18,28 @@ if TYPE_CHECKING:
     from .engine import SyncReport, SyncSpec
 
 
+def running_vm(cfg):
+    """The registry record of the project's VM, or a one-line error saying to run `mariner up`.
+
+    Cheap: a TCP connect to the guest's SSH port, no SSH session.
+    """
+    from ..errors import MarinerError, OwnershipError
+    from ..remote.target import target_for, tcp_reachable
+    from ..state import Registry
+
+    record = Registry().get(cfg.name)
+    if record is None or not record.created:
+        raise MarinerError(f"VM {cfg.name} does not exist yet; run `mariner up` first")
+    if record.project != str(cfg.project_dir):
+        raise OwnershipError(f"VM {cfg.name!r} belongs to the project {record.project}, not "
+                             f"{cfg.project_dir}; set a different [vm] name", exit_code=2)
+    target = target_for(cfg, record)
+    if not tcp_reachable(target, timeout=1.0):
+        raise MarinerError(f"VM {cfg.name} is not running (nothing answers on "
+                           f"{target.describe()}); run `mariner up`")
+    return record
+
+
 def spec_for(cfg, guest_root: str | None = None):
     """The resolved sync spec of a project (see engine.SyncSpec)."""
     from .engine import spec_for as _spec_for

@@ -7,7 +7,6 @@ under the guest's home (`guest_root`), removed afterwards.
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import textwrap
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 
 from support.fixtures import start_guest, stop_guest
 from support.tools import require_tool
+from sync_helpers import fresh_root
 
 
 @pytest.fixture(scope="session")
@@ -32,13 +32,6 @@ def own_guest(tmp_path):
     g = start_guest(tmp_path / "own-guest")
     yield g
     stop_guest(g)
-
-
-def fresh_root(g) -> Path:
-    root = g.home / f"mt-{secrets.token_hex(6)}"
-    root.mkdir()
-    os.chown(root, g.uid, os.stat(g.home).st_gid)
-    return root
 
 
 @pytest.fixture

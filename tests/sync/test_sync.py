@@ -10,43 +10,7 @@ import pytest
 
 from mariner_dev.sync import sync_once
 
-
-def write(path: Path, text: str | bytes, mode: int = 0o644, mtime: int | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(text, str):
-        text = text.encode()
-    path.write_bytes(text)
-    os.chmod(path, mode)
-    if mtime is not None:
-        os.utime(path, (mtime, mtime))
-    return path
-
-
-def give_to_guest(root: Path) -> None:
-    """Files the test made in the guest's tree as root belong to the guest account, as if the
-    guest had made them."""
-    owner = root.stat()
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            os.lchown(Path(dirpath) / name, owner.st_uid, owner.st_gid)
-
-
-def snapshot(root: Path) -> dict[str, tuple]:
-    """Every path under `root`: (kind, content or link target, mode, mtime, inode)."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            st = p.lstat()
-            rel = str(p.relative_to(root))
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = ("link", os.readlink(p), None, None, st.st_ino)
-            elif stat.S_ISDIR(st.st_mode):
-                out[rel] = ("dir", None, stat.S_IMODE(st.st_mode), int(st.st_mtime), st.st_ino)
-            else:
-                out[rel] = ("file", p.read_bytes(), stat.S_IMODE(st.st_mode), int(st.st_mtime),
-                            st.st_ino)
-    return out
+from sync_helpers import give_to_guest, snapshot, write
 
 
 @pytest.fixture

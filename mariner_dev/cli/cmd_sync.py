@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from .app import JsonOpt, ProjectOpt, app, context
+
+
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+@app.command("sync")
+def sync(
+    watch: Annotated[bool, typer.Option("--watch", "-w",
+                     help="Keep watching the host files and sync each change.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", "-n",
+                       help="Show what would change; change nothing.")] = False,
+    project: ProjectOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Copy [dotfiles] into the VM now (only what changed); --watch keeps them in sync."""
+    from .. import sync as dotfiles
+    from ..errors import UsageError
+
+    ctx = context(project, json_output)
+    cfg = ctx.load()
+    if watch and (dry_run or json_output):
+        raise UsageError("--watch cannot be combined with --dry-run or --json")
+    if not (cfg.dotfiles.files or cfg.dotfiles.repository):
+        raise UsageError(f"nothing to sync: {cfg.config_file.name} sets no [dotfiles] files "
+                         f"or repository")
+    record = dotfiles.running_vm(cfg)
+    if watch:
+        from ..state import attached
+
+        with attached(cfg.name, "sync-watch"):
+            dotfiles.watch(cfg, record, _say)
+        ctx.err.print("stopped watching.")
+        return
+    report = dotfiles.sync_once(cfg, record, dry_run=dry_run)
+    if json_output:
+        ctx.emit_json(report.to_json())
+        return
+    for line in report.lines():
+        _say(line)
+    for line in report.warnings:
+        ctx.err.print(line, markup=False)
+    ctx.err.print(report.summary(), markup=False)
