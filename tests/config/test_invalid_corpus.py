@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -63,10 +64,11 @@ def test_corpus_covers_every_bad_input_class():
 @pytest.fixture
 def host_log(isolated_env, monkeypatch):
     """Host commands on PATH that log any call: an invalid config must run none of them."""
+    # beside the isolated tree, so that the snapshot of the tree does not include them
     log = isolated_env.parent / f"{isolated_env.name}-host-commands.log"
-    fake_host_commands(isolated_env.parent / f"{isolated_env.name}-bin", log)
-    monkeypatch.setenv("PATH", f"{isolated_env.parent / (isolated_env.name + '-bin')}:"
-                       f"{__import__('os').environ['PATH']}")
+    bindir = isolated_env.parent / f"{isolated_env.name}-bin"
+    fake_host_commands(bindir, log)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
     return log
 
 
