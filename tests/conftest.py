@@ -17,17 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-REQUIRED_TOOLS = ("nix-instantiate", "sshd", "ssh", "ssh-keygen", "tmux", "rsync", "git")
-
-
-def require_tool(name: str) -> str:
-    """The tool's path; a missing tool fails the test (never skips: CI installs them all)."""
-    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
-    if path is None:
-        pytest.fail(f"{name} is not installed: run .ci/run as root, or install it "
-                    f"(Debian: nix-bin, openssh-server, openssh-client, tmux, rsync, git)")
-    return path
-
+from support.tools import require_tool  # noqa: E402  (re-exported for tests)
 
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path_factory, monkeypatch):

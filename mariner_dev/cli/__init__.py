@@ -38,27 +38,37 @@ def load_app():
     return app
 
 
-def run_app(argv: list[str]) -> int:
-    import click
+def _click_exception_types():
+    """(Exit, Abort, ClickException) of whichever click typer uses (newer typers vendor it)."""
+    import typer
 
+    try:
+        from typer._click.exceptions import ClickException
+    except ImportError:
+        from click.exceptions import ClickException
+    return typer.Exit, typer.Abort, ClickException
+
+
+def run_app(argv: list[str]) -> int:
     from ..errors import MarinerError
     from .app import print_error
 
     app = load_app()
+    exit_type, abort_type, click_exception = _click_exception_types()
     try:
         result = app(args=argv, prog_name="mariner", standalone_mode=False)
     except MarinerError as exc:
         print_error(exc)
         return exc.exit_code
-    except click.exceptions.Exit as exc:
+    except exit_type as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except abort_type:
         print("Aborted.", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130
-    except click.ClickException as exc:
+    except click_exception as exc:
         exc.show()
-        return 2 if exc.exit_code == 2 else exc.exit_code
+        return exc.exit_code
     return result if isinstance(result, int) else 0

@@ -62,8 +62,11 @@ def wait_for_ssh(target: "GuestTarget", timeout: float, pin: bool, trust_new: bo
     asyncio.run(wait_until_ready(target, timeout, pin, trust_new))
 
 
-def run_hook(target: "GuestTarget", command: str, cwd: str, env: dict) -> int:
-    """Run a shell command in the guest's login environment; stream its output; its status."""
+def run_hook(target: "GuestTarget", command: str, cwd: str, env: dict,
+             output_to_stderr: bool = True) -> int:
+    """Run a shell command in the guest's login environment; stream its output; its status.
+
+    Hook output goes to our stderr by default: stdout carries `up --json`'s one object."""
     import sys
 
     from .command import ExecRequest, build_command
@@ -73,7 +76,8 @@ def run_hook(target: "GuestTarget", command: str, cwd: str, env: dict) -> int:
     sys.stderr.flush()
     request = ExecRequest(build_command(None, workdir=cwd, env=dict(env), shell_command=command),
                           tty=False, stdin=False)
-    outcome = run_direct(target, request, fds=(None, sys.stdout.fileno(), sys.stderr.fileno()))
+    out_fd = sys.stderr.fileno() if output_to_stderr else sys.stdout.fileno()
+    outcome = run_direct(target, request, fds=(None, out_fd, sys.stderr.fileno()))
     if outcome.message:
         sys.stderr.write(f"mariner: {outcome.message}\n")
     return outcome.status

@@ -1,0 +1,136 @@
+"""A project whose VM runs on the fake host (tests/fakehost/bin) with a real sshd as its guest."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from support.tools import REPO, require_tool
+
+FAKEHOST_BIN = REPO / "tests" / "fakehost" / "bin"
+GUEST_USER = "mariner-guest"
+
+
+@dataclass
+class Project:
+    """A test project on disk plus helpers to run mariner on it and read the fake host's log."""
+
+    dir: Path
+    name: str
+    log: Path
+    guest_root: Path
+    guest_uid: int
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "mariner.toml"
+
+    def write(self, extra: str = "", **vm: object) -> None:
+        vm_lines = "".join(f"{k} = {json.dumps(v)}\n" for k, v in vm.items())
+        self.config.write_text(
+            f'[vm]\nname = "{self.name}"\nuser = "{GUEST_USER}"\nuid = {self.guest_uid}\n'
+            f"{vm_lines}\n"
+            f'[network]\nmode = "user"\n\n'
+            f'[workspace]\nmount = "{self.guest_root}/workspaces/{self.name}"\n\n{extra}\n')
+
+    def mariner(self, *args: str, env: dict | None = None, timeout: float = 120,
+                check: int | None = None) -> subprocess.CompletedProcess:
+        """Run the real `mariner` entry point in a subprocess, in the project directory."""
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        proc = subprocess.run([sys.executable, "-m", "mariner_dev", *args], cwd=self.dir,
+                              env=full_env, capture_output=True, text=True, timeout=timeout)
+        assert "Traceback" not in proc.stderr, proc.stderr
+        if check is not None:
+            assert proc.returncode == check, (proc.returncode, proc.stdout, proc.stderr)
+        return proc
+
+    def up_json(self, *args: str, check: int | None = 0, env: dict | None = None) -> dict:
+        proc = self.mariner("up", "--json", *args, check=check, env=env)
+        lines = proc.stdout.strip().splitlines()
+        assert len(lines) == 1, proc.stdout
+        return json.loads(lines[0])
+
+    def status_json(self) -> dict:
+        return json.loads(self.mariner("status", "--json", check=0).stdout)
+
+    def host_calls(self) -> list[list[str]]:
+        """Every fake host command run so far: [prog, *argv]."""
+        if not self.log.exists():
+            return []
+        calls = []
+        for line in self.log.read_text().splitlines():
+            entry = json.loads(line)
+            calls.append([entry["prog"], *entry["argv"]])
+        return calls
+
+    def clear_log(self) -> None:
+        self.log.write_text("")
+
+    def changing_calls(self) -> list[list[str]]:
+        """Host commands that change something (builds, starts, stops, removals)."""
+        reads = {"is-active", "show", "status", "list-units"}
+        out = []
+        for call in self.host_calls():
+            prog = call[0]
+            if prog == "journalctl":
+                continue
+            if prog == "systemctl" and len(call) > 1 and call[1] in reads:
+                continue
+            out.append(call)
+        return out
+
+
+@pytest.fixture
+def fake_host(monkeypatch, isolated_env):
+    require_tool("nix-instantiate")
+    require_tool("sshd")
+    log = isolated_env / "fakehost.jsonl"
+    monkeypatch.setenv("PATH", f"{FAKEHOST_BIN}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("MARINER_FAKEHOST_LOG", str(log))
+    return log
+
+
+@pytest.fixture
+def project(fake_host, isolated_env):
+    """A project owned by the guest account, in a directory the guest account can reach."""
+    from support.guest_sshd import ensure_guest_user
+
+    uid, _home = ensure_guest_user(GUEST_USER)
+    base = Path(tempfile.mkdtemp(prefix="mrl-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    directory = base / "api"
+    directory.mkdir()
+    guest_root = base / "guest"
+    guest_root.mkdir()
+    os.chown(directory, uid, -1)
+    name = "t" + uuid.uuid4().hex[:10]
+    proj = Project(dir=directory, name=name, log=fake_host, guest_root=guest_root, guest_uid=uid)
+    proj.write()
+    yield proj
+    _stop_guests(Path(os.environ["MARINER_MICROVMS_DIR"]))
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _stop_guests(microvms: Path) -> None:
+    """Whatever a test left running: stop every guest sshd and background agent it started."""
+    helper = REPO / "tests" / "support" / "guest_sshd.py"
+    for guest in microvms.glob("*/guest"):
+        subprocess.run([sys.executable, str(helper), "stop", "--state-dir", str(guest)],
+                       capture_output=True, timeout=30)
+    try:
+        from mariner_dev import remote
+
+        for vm in microvms.iterdir():
+            remote.stop_agent(vm.name)
+    except Exception:  # noqa: BLE001 - best-effort cleanup
+        pass

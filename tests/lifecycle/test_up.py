@@ -1,0 +1,267 @@
+"""`mariner up/down/destroy/status/list/logs` on the fake host, with a real sshd as the guest."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+
+def test_first_up_creates_boots_and_pins(project):
+    result = project.up_json()
+    assert result["outcome"] == "success"
+    assert result["name"] == project.name
+    assert result["created"] and result["started"] and not result["updated"]
+    assert result["state"] == "running"
+    assert result["address"] == "127.0.0.1" and isinstance(result["ssh_port"], int)
+    assert result["user"] == "mariner-guest"
+    assert result["workspace"] == f"{project.guest_root}/workspaces/{project.name}"
+
+    calls = project.changing_calls()
+    flake_dir = Path(os.environ["MARINER_HOME"]) / "vms" / project.name / "flake"
+    assert ["microvm", "-c", project.name, "-f", f"path:{flake_dir}"] in calls
+    assert ["systemctl", "start", f"microvm@{project.name}"] in calls
+
+    # The guest's host key is pinned under the VM's alias, and an ssh-config entry exists.
+    known = (Path(os.environ["MARINER_HOME"]) / "known_hosts").read_text()
+    assert f"mariner-{project.name} " in known
+    ssh_config = (Path(os.environ["MARINER_HOME"]) / "ssh_config").read_text()
+    assert f"Host mariner-{project.name}" in ssh_config
+
+    status = project.status_json()
+    assert status["state"] == "running" and not status["outdated"]
+    assert status["cid"] is not None and 3 <= status["cid"] <= 254
+
+
+def test_second_up_changes_nothing(project):
+    project.up_json()
+    project.clear_log()
+    result = project.up_json()
+    assert not (result["created"] or result["updated"] or result["started"])
+    assert result["state"] == "running"
+    assert project.changing_calls() == []
+
+
+def test_drift_rebuilds_and_restarts(project):
+    project.up_json()
+    project.write(cpus=3)
+    status = project.status_json()
+    assert status["outdated"] is True
+    assert "vm.cpus" in status["changed_keys"]
+    project.clear_log()
+    result = project.up_json()
+    assert result["updated"] and result["started"] and not result["created"]
+    calls = project.changing_calls()
+    assert ["microvm", "-u", project.name] in calls
+    assert any(c[:2] == ["systemctl", "restart"] or c[:2] == ["systemctl", "stop"] for c in calls)
+    status = project.status_json()
+    assert status["outdated"] is False and status["state"] == "running"
+
+
+def test_no_restart_defers_and_status_says_so(project):
+    project.up_json()
+    project.write(cpus=3)
+    project.clear_log()
+    result = project.up_json("--no-restart")
+    assert result["updated"] and not result["started"]
+    assert result["restart_pending"] is True
+    assert not any(c[0] == "systemctl" and c[1] in ("restart", "stop", "start")
+                   for c in project.changing_calls())
+    status = project.status_json()
+    assert status["restart_pending"] is True and status["outdated"] is False
+
+
+def test_down_then_up_again(project):
+    project.up_json()
+    proc = project.mariner("down", check=0)
+    assert "stopped" in proc.stderr
+    assert project.status_json()["state"] == "stopped"
+    project.clear_log()
+    result = project.up_json()
+    assert result["started"] and not result["created"]
+    assert ["systemctl", "start", f"microvm@{project.name}"] in project.changing_calls()
+
+
+def test_destroy_removes_everything(project):
+    project.up_json()
+    home = Path(os.environ["MARINER_HOME"])
+    vm_dir = Path(os.environ["MARINER_MICROVMS_DIR"]) / project.name
+    assert vm_dir.exists()
+    proc = project.mariner("destroy", check=2)  # no terminal, no --force: refuses
+    assert "--force" in proc.stderr
+    assert vm_dir.exists()
+    project.mariner("destroy", "--force", check=0)
+    assert not vm_dir.exists()
+    assert project.status_json()["state"] == "absent"
+    registry = json.loads((home / "registry.json").read_text())
+    assert project.name not in registry["vms"]
+    assert f"mariner-{project.name}" not in (home / "known_hosts").read_text()
+    assert f"Host mariner-{project.name}" not in (home / "ssh_config").read_text()
+    assert not (home / "vms" / project.name).exists()
+
+
+def test_list_shows_mariner_and_foreign_vms(project):
+    project.up_json()
+    foreign = Path(os.environ["MARINER_MICROVMS_DIR"]) / "handmade"
+    foreign.mkdir()
+    proc = project.mariner("list", "--json", check=0)
+    vms = {vm["name"]: vm for vm in json.loads(proc.stdout)["vms"]}
+    assert vms[project.name]["project"] == str(project.dir)
+    assert vms[project.name]["state"] == "running" and vms[project.name]["managed"]
+    assert vms["handmade"]["managed"] is False and vms["handmade"]["project"] is None
+
+
+def test_logs_show_the_journal(project):
+    project.up_json()
+    proc = project.mariner("logs", "-n", "5", check=0)
+    lines = proc.stdout.splitlines()
+    assert 0 < len(lines) <= 5
+
+
+def test_post_create_runs_once_and_post_start_every_start(project):
+    marker = project.dir / "hooks.log"
+    project.write(extra=f'[hooks]\npost_create = "echo create >> {marker}"\n'
+                        f'post_start = "echo start-$PWD >> {marker}"\n')
+    project.up_json()
+    workspace = f"{project.guest_root}/workspaces/{project.name}"
+    assert marker.read_text().splitlines() == ["create", f"start-{workspace}"]
+    project.up_json()  # no-op: no hook runs
+    assert marker.read_text().splitlines() == ["create", f"start-{workspace}"]
+    project.mariner("down", check=0)
+    project.up_json()
+    assert marker.read_text().splitlines() == ["create", f"start-{workspace}", f"start-{workspace}"]
+
+
+def test_failing_hook_exits_1_and_runs_again_next_time(project):
+    project.write(extra='[hooks]\npost_create = "echo hook-output; exit 3"\n')
+    result = project.up_json(check=1)
+    assert result["outcome"] == "error" and result["hook_exit"] == 3
+    assert "post_create" in result["message"]
+    assert project.status_json()["state"] == "running"
+    proc = project.mariner("up", check=1)
+    assert "hook-output" in proc.stderr
+    assert "post_create" in proc.stderr and "3" in proc.stderr
+    project.write(extra='[hooks]\npost_create = "true"\n')
+    project.up_json(check=0)
+    project.write(extra='[hooks]\npost_create = "exit 9"\n')  # already done: not run again
+    project.up_json(check=0)
+
+
+def test_boot_timeout_shows_journal(project):
+    proc = project.mariner("up", "--timeout", "3", env={"MARINER_FAKE_BOOT_DELAY": "60"}, check=1)
+    assert "did not answer SSH" in proc.stderr
+    assert "within 3 s" in proc.stderr
+
+
+def test_vm_dying_while_booting(project):
+    proc = project.mariner("up", "--timeout", "30", env={"MARINER_FAKE_BOOT_FAIL": "1"}, check=1)
+    assert "stopped while booting" in proc.stderr
+    assert project.status_json()["state"] == "failed"
+
+
+def test_build_failure_names_the_key(project):
+    project.write(extra='[nix]\npackages = ["nosuchpkg"]\n')
+    error = ("error: attribute 'nosuchpkg' missing\n\n"
+             "       at /nix/store/xxx-source/vm.nix:20:3:\n"
+             "       while evaluating the option `environment.systemPackages':\n")
+    proc = project.mariner("up", env={"MARINER_FAKE_BUILD_FAIL": error}, check=1)
+    assert "nosuchpkg" in proc.stderr
+    assert "nix.packages" in proc.stderr
+    assert len(proc.stderr.splitlines()) < 15
+    assert project.status_json()["state"] == "absent"
+    project.write()
+    assert project.up_json()["created"] is True
+
+
+def test_other_project_cannot_take_the_name(project, tmp_path):
+    project.up_json()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "mariner.toml").write_text(project.config.read_text())
+    before = (Path(os.environ["MARINER_HOME"]) / "registry.json").read_text()
+    for command in (["up"], ["down"], ["destroy", "-f"], ["status"]):
+        proc = subprocess.run([sys.executable, "-m", "mariner_dev", *command], cwd=other,
+                              capture_output=True, text=True)
+        assert proc.returncode == 2, (command, proc.stderr)
+        assert "[vm] name" in proc.stderr and "Traceback" not in proc.stderr
+    assert (Path(os.environ["MARINER_HOME"]) / "registry.json").read_text() == before
+    assert project.status_json()["state"] == "running"
+
+
+def test_refuses_a_vm_it_did_not_create(project):
+    (Path(os.environ["MARINER_MICROVMS_DIR"]) / project.name).mkdir()
+    proc = project.mariner("up", check=2)
+    assert "did not create" in proc.stderr
+    assert project.changing_calls() == []
+
+
+def test_two_concurrent_ups_create_once(project):
+    env = dict(os.environ, MARINER_FAKE_BUILD_DELAY="2")
+    cmd = [sys.executable, "-m", "mariner_dev", "up", "--json"]
+    first = subprocess.Popen(cmd, cwd=project.dir, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    second = subprocess.Popen(cmd, cwd=project.dir, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    out1, err1 = first.communicate(timeout=120)
+    out2, err2 = second.communicate(timeout=120)
+    assert first.returncode == 0, err1
+    assert second.returncode == 0, err2
+    creates = [c for c in project.host_calls() if c[:2] == ["microvm", "-c"]]
+    assert len(creates) == 1
+    assert json.loads(out1)["created"] is True
+    assert json.loads(out2)["created"] is False
+
+
+def test_fail_if_locked(project):
+    env = dict(os.environ, MARINER_FAKE_BUILD_DELAY="3")
+    first = subprocess.Popen([sys.executable, "-m", "mariner_dev", "up"], cwd=project.dir,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        lock = Path(os.environ["MARINER_HOME"]) / "locks" / f"{project.name}.lock"
+        from mariner_dev.fsutil import lock_is_held
+
+        while not lock_is_held(lock):
+            assert time.monotonic() < deadline, "first up never took the lock"
+            time.sleep(0.05)
+        proc = project.mariner("up", "--fail-if-locked", check=1)
+        assert "another mariner command" in proc.stderr
+        proc = project.mariner("destroy", "--force", check=1)
+        assert "another mariner command" in proc.stderr
+    finally:
+        first.communicate(timeout=120)
+    assert first.returncode == 0
+
+
+def test_ctrl_c_during_build_then_up_completes(project):
+    env = dict(os.environ, MARINER_FAKE_BUILD_DELAY="3")
+    proc = subprocess.Popen([sys.executable, "-m", "mariner_dev", "up"], cwd=project.dir,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 15
+    while not any(c[:2] == ["microvm", "-c"] for c in project.host_calls()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "Traceback" not in err
+    registry = json.loads((Path(os.environ["MARINER_HOME"]) / "registry.json").read_text())
+    assert project.name in registry["vms"]
+    result = project.up_json()
+    assert result["state"] == "running"
+    assert project.status_json()["state"] == "running"
+
+
+def test_corrupt_registry_is_a_clear_error(project):
+    project.up_json()
+    registry = Path(os.environ["MARINER_HOME"]) / "registry.json"
+    registry.write_text("{ not json")
+    proc = project.mariner("status", check=1)
+    assert "registry" in proc.stderr and "corrupt" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
