@@ -19,6 +19,7 @@ import asyncssh
 
 from ..errors import GuestUnreachable, MarinerError
 from . import manifest as manifest_mod
+from .coalesce import open_sftp
 from .credentials import HEADER_OVERLAP, display, refusal, secret_by_content
 from .guest import GuestTree
 from .manifest import Entry, Manifest
@@ -223,8 +224,11 @@ async def sync_over(conn: asyncssh.SSHClientConnection, spec: SyncSpec, *,
     try:
         if sftp is not None:
             return await _sync(conn, sftp, spec, scopes, dry_run, install)
-        async with conn.start_sftp_client(path_encoding=None) as own:
+        own = await open_sftp(conn)
+        try:
             return await _sync(conn, own, spec, scopes, dry_run, install)
+        finally:
+            own.exit()
     except (asyncssh.ConnectionLost, asyncssh.DisconnectError, asyncssh.ChannelOpenError,
             ConnectionError, BrokenPipeError) as exc:
         raise GuestUnreachable(f"lost the connection to VM {spec.name} during the sync "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -44,10 +44,11 @@ class Manifest:
     root: str | None = None       # the guest home the entries are relative to
     entries: dict[str, Entry] = field(default_factory=dict)
     repository: dict | None = None
+    saved_text: str | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict:
         return {"version": VERSION, "root": self.root,
-                "entries": {rel: asdict(e) for rel, e in sorted(self.entries.items())},
+                "entries": {rel: dict(e.__dict__) for rel, e in sorted(self.entries.items())},
                 "repository": self.repository}
 
     @classmethod
@@ -69,18 +70,25 @@ def manifest_file(name: str) -> Path:
 
 def load(name: str) -> Manifest:
     try:
-        data = json.loads(manifest_file(name).read_text())
+        text = manifest_file(name).read_text()
+        data = json.loads(text)
     except (FileNotFoundError, ValueError):
         return Manifest()
     if not isinstance(data, dict) or data.get("version") != VERSION:
         return Manifest()
-    return Manifest.from_json(data)
+    manifest = Manifest.from_json(data)
+    manifest.saved_text = text
+    return manifest
 
 
 def save(name: str, manifest: Manifest) -> None:
+    """Write the manifest (atomically), unless it is what the file already holds."""
+    text = json.dumps(manifest.to_json(), separators=(",", ":")) + "\n"
+    if text == manifest.saved_text:
+        return
     paths.ensure_private_dir(paths.vm_dir(name))
-    write_atomic(manifest_file(name), json.dumps(manifest.to_json(), indent=1) + "\n",
-                 mode=0o600)
+    write_atomic(manifest_file(name), text, mode=0o600)
+    manifest.saved_text = text
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import os
 from typing import Callable
 
 from ..errors import GuestUnreachable, MarinerError
+from .coalesce import open_sftp
 from .engine import SyncSpec, sync_over
 from .link import GuestLink, until_signalled
 from .tree import Root
@@ -144,7 +145,7 @@ async def watch_over(spec: SyncSpec, link: GuestLink, out: Callable[[str], None]
             conn = await link.get(retry=not first)   # the first connection fails fast
             try:
                 if link.generation != generation:
-                    sftp = await conn.start_sftp_client(path_encoding=None)
+                    sftp = await open_sftp(conn)
                     generation = link.generation
                     scopes = None
                 report = await sync_over(conn, spec, scopes=scopes, sftp=sftp)

@@ -170,3 +170,52 @@ def test_a_file_that_became_a_directory_and_back(dotfiles, guest_root, home):
     write(lua / "again.lua", "dir again\n")
     sync_once(cfg, record, guest_root=str(guest_root))
     assert (guest_root / ".config/nvim/lua/again.lua").read_text() == "dir again\n"
+
+
+def test_cli_sync_dry_run_json_and_errors(home, project, guest, run_cli):
+    import json
+    import secrets
+    import shutil
+
+    name = f".mt-cli-{secrets.token_hex(4)}"
+    write(home / name / "a.conf", "a\n")
+    write(home / ".ssh/id_ed25519", "-----BEGIN OPENSSH PRIVATE KEY-----\n", 0o600)
+    p = project(f'files = ["~/{name}", "~/.ssh/id_ed25519"]\n')
+    code, out, err = run_cli("sync", cwd=p.dir)
+    assert code == 1 and "does not exist yet; run `mariner up`" in err
+    p.register()
+    try:
+        code, out, err = run_cli("sync", "--dry-run", cwd=p.dir)
+        assert code == 0, err
+        assert out.splitlines() == [f"would be added    ~/{name}/a.conf (2 B)"]
+        assert not (guest.home / name).exists()
+        code, out, err = run_cli("sync", cwd=p.dir)
+        assert code == 0, err
+        assert out.splitlines() == [f"added    ~/{name}/a.conf (2 B)"]
+        assert "refused ~/.ssh/id_ed25519" in err and "[dotfiles] allow" in err
+        assert (guest.home / name / "a.conf").read_text() == "a\n"
+        code, out, err = run_cli("sync", "--json", cwd=p.dir)
+        data = json.loads(out)
+        assert code == 0 and data["changes"] == [] and data["bytes_sent"] == 0
+        assert data["refused"][0]["path"] == "~/.ssh/id_ed25519"
+    finally:
+        shutil.rmtree(guest.home / name, ignore_errors=True)
+
+
+def test_cli_sync_when_the_vm_is_down(home, project, own_guest, run_cli):
+    write(home / ".gitconfig", "x\n")
+    p = project('files = ["~/.gitconfig"]\n', on=own_guest)
+    p.register()
+    own_guest.sshd.stop()
+    code, out, err = run_cli("sync", cwd=p.dir)
+    assert code == 1
+    assert err.count("\n") == 1 and "is not running" in err and "run `mariner up`" in err
+
+
+def test_sync_dotfiles_is_what_up_calls(dotfiles, guest_root):
+    from mariner_dev.sync import config_fingerprint, sync_dotfiles
+
+    cfg, record = dotfiles
+    report = sync_dotfiles(cfg, record, guest_root=str(guest_root))
+    assert isinstance(report.fingerprint, str) and report.fingerprint == config_fingerprint(cfg)
+    assert (guest_root / ".gitconfig").exists()
