@@ -384,9 +384,26 @@ def _qmp_powerdown(path: str) -> None:
         command("system_powerdown")
 
 
+def pid_alive(pid: int | None) -> bool:
+    """True while the process exists and is not a zombie."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"
+
+
 def _wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while fakelib._pid_alive(pid):
+    while pid_alive(pid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.1)
@@ -405,10 +422,10 @@ def halt_guest(name: str, state: dict) -> None:
     qemu, launcher = state.get("qemu_pid"), state.get("boot_pid")
     if not qemu:
         # stopped before QEMU was recorded: nothing on the disk is worth a clean shutdown
-        if fakelib._pid_alive(launcher):
+        if pid_alive(launcher):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(launcher, signal.SIGKILL)
-    elif fakelib._pid_alive(qemu):
+    elif pid_alive(qemu):
         try:
             _qmp_powerdown(os.path.join(state.get("runtime") or "", "qmp.sock"))
         except (OSError, ValueError) as exc:

@@ -204,7 +204,7 @@ def vm_pids(vm: RealVm) -> list[int]:
 
 
 def alive(pid: int) -> bool:
-    return realhost.fakelib._pid_alive(pid)
+    return realhost.pid_alive(pid)
 
 
 def teardown_vm(vm: RealVm) -> None:
@@ -214,7 +214,7 @@ def teardown_vm(vm: RealVm) -> None:
     pids = vm_pids(vm)
     problems = []
     if vm.vm_dir.exists():
-        proc = vm.mariner("destroy", timeout=300)
+        proc = vm.mariner("destroy", "--force", timeout=300)
         if proc.returncode != 0:
             problems.append(f"mariner destroy failed: {proc.stderr.strip()}")
             subprocess.run([str(E2E_BIN / "systemctl"), "stop", f"microvm@{vm.name}"],

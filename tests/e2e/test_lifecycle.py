@@ -50,11 +50,14 @@ def test_up_boots_the_vm_and_returns_soon_after_the_guest_answers(vm):
 
     def watch():
         while not done.is_set():
-            if ssh_banner(port, timeout=0.5):
+            if ssh_banner(port, timeout=5):  # sshd re-execs per connection: slow under TCG
                 first_answer.append(time.monotonic())
                 return
             if vm.vm_dir.exists():
-                state = vm.status()["state"]
+                try:
+                    state = vm.status()["state"]
+                except (AssertionError, ValueError) as exc:  # reported by the asserts below
+                    state = f"status failed: {exc}"
                 observed.append((time.monotonic(), state))
             time.sleep(0.2)
 
@@ -67,15 +70,15 @@ def test_up_boots_the_vm_and_returns_soon_after_the_guest_answers(vm):
     watcher.join(timeout=10)
     assert result["state"] == "running" and result["created"] and result["started"]
     assert result["ssh_port"] == port
-    assert first_answer, "up returned before the guest ever answered SSH"
+    assert first_answer, f"up returned before the guest ever answered SSH: {observed}"
     answered = first_answer[0]
     print(f"boot to SSH {answered - started:.1f} s, up returned {returned - started:.1f} s")
     assert returned - answered < UP_AFTER_ANSWER, \
         f"up returned {returned - answered:.1f} s after the guest answered"
     # QEMU accepts TCP on the forwarded port long before the guest's sshd listens: a status
     # taken before the guest answered must not say running
-    early = [state for when, state in observed if when < answered]
-    assert early and "running" not in early, observed
+    early = {state for when, state in observed if when < answered}
+    assert "starting" in early and early <= {"absent", "stopped", "starting"}, observed
     assert _unit_state(vm) == "active"
     assert vm.status()["state"] == "running"
 
@@ -123,7 +126,7 @@ def test_a_vm_whose_qemu_dies_is_failed_and_up_restarts_it(vm):
 def test_destroy_removes_the_vm_and_its_disk(vm):
     pids = vm_pids(vm)
     vm.close_ssh()
-    vm.mariner("destroy", check=0)
+    vm.mariner("destroy", "--force", check=0)
     assert not vm.vm_dir.exists()
     assert not [pid for pid in pids if alive(pid)]
     assert vm.status()["state"] == "absent"

@@ -93,8 +93,8 @@ def _get(url: str) -> str | None:
 
 def test_forward_reaches_a_service_in_the_guest(vm):
     vm.guest("mkdir -p ~/www && echo served-from-the-guest > ~/www/marker.txt && "
-             "(setsid nohup python3 -m http.server 8000 --bind 127.0.0.1 --directory ~/www "
-             ">/dev/null 2>&1 < /dev/null &)")
+             "{ setsid python3 -m http.server 8000 --bind 127.0.0.1 --directory ~/www "
+             ">/dev/null 2>&1 < /dev/null & echo $! > ~/www.pid; }")
     wait_for(lambda: vm.guest("python3 -c 'import socket; "
                                 "socket.create_connection((\"127.0.0.1\", 8000))'",
                                 check=False).returncode == 0, 30, "the guest's http.server")
@@ -116,4 +116,4 @@ def test_forward_reaches_a_service_in_the_guest(vm):
             forward.kill()
             forward.wait()
     wait_for(lambda: _get(url) is None, 10, "the forward to close after Ctrl-C")
-    vm.guest("pkill -f 'http.server 8000' || true")
+    vm.guest("kill $(cat ~/www.pid)")
