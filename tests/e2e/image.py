@@ -5,8 +5,9 @@
     <cache>/.lock               one build at a time
 
 The recipe hash covers every file under tests/e2e/guest/ (paths, contents, modes), so an edit
-there builds a new image beside the old one. A build runs in a temporary directory inside the
-cache and is renamed into place only when complete: a killed build never leaves a half image.
+there builds a new image (and then removes the older ones). A build runs in a temporary
+directory inside the cache and is renamed into place only when complete: a killed build never
+leaves a half image.
 
 CLI (scripts/e2e uses it):
     python3 tests/e2e/image.py build --cache DIR   prints the image directory
@@ -21,6 +22,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -113,10 +115,18 @@ def ensure_image(cache: Path, log=sys.stderr) -> Path:
                 shutil.rmtree(final)
             os.rename(work, final)
             print(f"e2e image: built {final} in {seconds} s", file=log)
+            _prune(cache, keep=final)
         finally:
             if work.exists():
                 _remove_build_dir(work)
     return final
+
+
+def _prune(cache: Path, keep: Path) -> None:
+    """Remove the images of older recipes (only test VMs' overlays ever pointed at them)."""
+    for other in cache.iterdir():
+        if other != keep and other.is_dir() and re.fullmatch(r"[0-9a-f]{16}", other.name):
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def main(argv: list[str]) -> int:
