@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from support.fakehost import fakehost  # noqa: F401  (fixture)
 from support.tools import REPO, require_tool
 
 FAKEHOST_BIN = REPO / "tests" / "fakehost" / "bin"
@@ -91,13 +92,11 @@ class Project:
 
 
 @pytest.fixture
-def fake_host(monkeypatch, isolated_env):
+def fake_host(fakehost):
+    """The fake host first on PATH (tests/support/fakehost.py); its log file."""
     require_tool("nix-instantiate")
     require_tool("sshd")
-    log = isolated_env / "fakehost.jsonl"
-    monkeypatch.setenv("PATH", f"{FAKEHOST_BIN}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("MARINER_FAKEHOST_LOG", str(log))
-    return log
+    return fakehost.log_file
 
 
 @pytest.fixture
@@ -117,20 +116,15 @@ def project(fake_host, isolated_env):
     proj = Project(dir=directory, name=name, log=fake_host, guest_root=guest_root, guest_uid=uid)
     proj.write()
     yield proj
-    _stop_guests(Path(os.environ["MARINER_MICROVMS_DIR"]))
+    _stop_agents(Path(os.environ["MARINER_MICROVMS_DIR"]))
     shutil.rmtree(base, ignore_errors=True)
 
 
-def _stop_guests(microvms: Path) -> None:
-    """Whatever a test left running: stop every guest sshd and background agent it started."""
-    helper = REPO / "tests" / "support" / "guest_sshd.py"
-    for guest in microvms.glob("*/guest"):
-        subprocess.run([sys.executable, str(helper), "stop", "--state-dir", str(guest)],
-                       capture_output=True, timeout=30)
-    try:
-        from mariner_dev import remote
+def _stop_agents(microvms: Path) -> None:
+    """Whatever a test left running: the VMs' background agents (the fakehost fixture stops
+    the guests)."""
+    from mariner_dev import remote
 
-        for vm in microvms.iterdir():
+    for vm in microvms.iterdir():
+        if vm.is_dir() and not vm.name.startswith("."):
             remote.stop_agent(vm.name)
-    except Exception:  # noqa: BLE001 - best-effort cleanup
-        pass
