@@ -14,7 +14,7 @@ from typing import Callable
 
 from . import paths
 from .errors import GuestUnreachable, HostError, MarinerError, OwnershipError
-from .fsutil import LockBusy, file_lock, lock_is_held
+from .fsutil import LockBusy, file_lock
 from .host.backend import HostBackend, HostVmStatus
 from .model import ProjectConfig
 from .state import Registry, VmRecord, stop_attached, vm_lock_file
@@ -261,22 +261,27 @@ def _owned_record(cfg: ProjectConfig, registry: Registry) -> VmRecord | None:
     return record
 
 
+def _managed_record(cfg: ProjectConfig, registry: Registry, verb: str) -> VmRecord | None:
+    """The VM's record when mariner created it for this project; None when there is no VM.
+    A VM that mariner did not create is refused: mariner never touches it."""
+    record = _owned_record(cfg, registry)
+    if record is None and (paths.microvms_dir() / cfg.name).exists():
+        raise OwnershipError(f"VM {cfg.name!r} was not created by mariner; mariner does not "
+                             f"{verb} it")
+    return record
+
+
 def down(cfg: ProjectConfig, *, backend: HostBackend | None = None,
          wait_lock: bool = True, progress: Progress = _noop) -> bool:
     """Stop the VM (and its agent and attached processes); False when it was not running."""
     backend = backend or default_backend()
     registry = Registry()
     with VmLock(cfg.name, wait=wait_lock, progress=progress):
-        record = _owned_record(cfg, registry)
-        if record is None:
-            if (paths.microvms_dir() / cfg.name).exists():
-                raise OwnershipError(f"VM {cfg.name!r} was not created by mariner; "
-                                     f"mariner does not stop it")
+        if _managed_record(cfg, registry, "stop") is None:
             return False
         _stop_agent(cfg.name)
         stop_attached(cfg.name)
-        host = backend.status(cfg.name)
-        if host.unit in ("inactive",) :
+        if backend.status(cfg.name).unit == "inactive":
             return False
         progress(f"stopping VM {cfg.name}")
         backend.stop(cfg.name, wait=True)
@@ -292,11 +297,7 @@ def destroy(cfg: ProjectConfig, *, backend: HostBackend | None = None,
     backend = backend or default_backend()
     registry = Registry()
     with VmLock(cfg.name, wait=False, progress=progress):
-        record = _owned_record(cfg, registry)
-        if record is None:
-            if (paths.microvms_dir() / cfg.name).exists():
-                raise OwnershipError(f"VM {cfg.name!r} was not created by mariner; "
-                                     f"mariner does not destroy it")
+        if _managed_record(cfg, registry, "destroy") is None:
             return False
         _stop_agent(cfg.name)
         stop_attached(cfg.name)
@@ -424,7 +425,3 @@ def list_vms(*, backend: HostBackend | None = None) -> list[VmStatus]:
                             restart_pending=record.restart_pending))
     return out
 
-
-def vm_busy(name: str) -> bool:
-    """True while another mariner command holds the VM's lock."""
-    return lock_is_held(vm_lock_file(name))
