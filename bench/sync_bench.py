@@ -53,17 +53,6 @@ def make_tree(top: Path, files: int, total_bytes: int, seed: int = 7) -> None:
         (d / f"f{i:05d}.txt").write_bytes(rng.randbytes(size))
 
 
-def median_time(fn, runs: int, before=None) -> float:
-    times = []
-    for _ in range(runs):
-        if before is not None:
-            before()
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def run(argv: list[str], env=None) -> None:
     proc = subprocess.run(argv, capture_output=True, env=env)
     if proc.returncode != 0:
@@ -143,17 +132,27 @@ def main() -> int:
                "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
                "-o", "BatchMode=yes", str(host_home / tag), f"{remote}:"]
 
-        results = {}
-        results["rsync initial"] = median_time(lambda: run(rsync), args.runs, before=wipe)
-        results["rsync no-change"] = median_time(lambda: run(rsync), args.runs)
-        results["scp initial"] = median_time(lambda: run(scp), args.runs, before=wipe)
-        results["mariner initial (CLI)"] = median_time(lambda: run(cli, cli_env), args.runs,
-                                                       before=wipe)
-        results["mariner no-change (CLI)"] = median_time(lambda: run(cli, cli_env), args.runs)
-        held_initial, held_nochange, latencies = asyncio.run(
-            held_connection(cfg, record, args, wipe, host_home / tag, dest))
-        results["mariner initial (held connection)"] = held_initial
-        results["mariner no-change (held connection)"] = held_nochange
+        # Rounds interleave the tools, so that load from elsewhere on the machine hits all alike.
+        samples: dict[str, list[float]] = {}
+
+        def timed(name, fn, before=None):
+            if before is not None:
+                before()
+            t = time.perf_counter()
+            fn()
+            samples.setdefault(name, []).append(time.perf_counter() - t)
+
+        for _ in range(args.runs):
+            timed("rsync initial", lambda: run(rsync), before=wipe)
+            timed("rsync no-change", lambda: run(rsync))
+            timed("scp initial", lambda: run(scp), before=wipe)
+            timed("mariner initial (CLI)", lambda: run(cli, cli_env), before=wipe)
+            timed("mariner no-change (CLI)", lambda: run(cli, cli_env))
+            held_initial, held_nochange = asyncio.run(held_connection(cfg, record, wipe))
+            samples.setdefault("mariner initial (held connection)", []).append(held_initial)
+            samples.setdefault("mariner no-change (held connection)", []).append(held_nochange)
+        results = {name: statistics.median(values) for name, values in samples.items()}
+        latencies = asyncio.run(watch_latency(cfg, record, args, host_home / tag, dest))
 
         print()
         print(f"{args.files} files, {args.mib} MiB, medians of {args.runs} runs; "
@@ -175,46 +174,50 @@ def main() -> int:
     return 0
 
 
-async def held_connection(cfg, record, args, wipe, src: Path, dest: Path):
-    """Initial and no-change syncs on one open connection, then watch latency."""
+async def held_connection(cfg, record, wipe) -> tuple[float, float]:
+    """An initial and a no-change sync on one already open connection (the agent's case)."""
     from mariner_dev.remote.session import connect
     from mariner_dev.remote.target import target_for
     from mariner_dev.sync import spec_for
     from mariner_dev.sync.coalesce import open_sftp
     from mariner_dev.sync.engine import sync_over
-    from mariner_dev.sync.link import GuestLink
-    from mariner_dev.sync.watch import watch_over
 
-    target = target_for(cfg, record)
-    spec = spec_for(cfg)
-    conn = await connect(target)
+    conn = await connect(target_for(cfg, record))
     sftp = await open_sftp(conn)
-    initial, nochange = [], []
-    for _ in range(args.runs):
+    spec = spec_for(cfg)
+    try:
         wipe()
         t = time.perf_counter()
         await sync_over(conn, spec, sftp=sftp)
-        initial.append(time.perf_counter() - t)
-    for _ in range(args.runs):
+        initial = time.perf_counter() - t
         t = time.perf_counter()
         report = await sync_over(conn, spec, sftp=sftp)
-        nochange.append(time.perf_counter() - t)
+        nochange = time.perf_counter() - t
         assert report.bytes_sent == 0 and not report.changes, report.changes[:3]
-    sftp.exit()
-    conn.close()
+    finally:
+        sftp.exit()
+        conn.close()
+        await conn.wait_closed()
+    return initial, nochange
 
-    # Watch: edit a file, wait until the guest has the new content.
+
+async def watch_latency(cfg, record, args, src: Path, dest: Path) -> list[float]:
+    """Edit a file, wait until the guest has the new content; `--edits` times."""
+    from mariner_dev.remote.target import target_for
+    from mariner_dev.sync import spec_for
+    from mariner_dev.sync.link import GuestLink
+    from mariner_dev.sync.watch import watch_over
+
     ready = asyncio.Event()
-    link = GuestLink(target)
-    task = asyncio.ensure_future(watch_over(spec, link, lambda line: None, ready.set))
-    await asyncio.wait_for(ready.wait(), 60)
-    files = sorted(p for p in src.rglob("*.txt"))[:20]
+    link = GuestLink(target_for(cfg, record))
+    task = asyncio.ensure_future(watch_over(spec_for(cfg), link, lambda line: None, ready.set))
+    await asyncio.wait_for(ready.wait(), 120)
+    files = sorted(src.rglob("*.txt"))[:20]
     latencies = []
     for i in range(args.edits):
         path = files[i % len(files)]
-        rel = path.relative_to(src)
         payload = f"edit {i} {secrets.token_hex(8)}\n".encode()
-        guest_file = dest / rel
+        guest_file = dest / path.relative_to(src)
         t = time.perf_counter()
         path.write_bytes(payload)
         while True:
@@ -231,7 +234,7 @@ async def held_connection(cfg, record, args, wipe, src: Path, dest: Path):
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     await link.close()
-    return statistics.median(initial), statistics.median(nochange), latencies
+    return latencies
 
 
 if __name__ == "__main__":
