@@ -227,12 +227,15 @@ def _after_boot(cfg: ProjectConfig, registry: Registry, record: VmRecord, target
     """Dotfiles on first boot and after a rebuild; post_create until it succeeds; post_start."""
     from . import remote
 
-    if record.dotfiles_hash is None and (cfg.dotfiles.files or cfg.dotfiles.repository):
-        progress("syncing dotfiles")
-        from .sync import sync_dotfiles
+    if cfg.dotfiles.files or cfg.dotfiles.repository:
+        from .sync import config_fingerprint, sync_dotfiles
 
-        report = sync_dotfiles(cfg, record)
-        record = _update_record(registry, cfg.name, dotfiles_hash=report.fingerprint)
+        # After a rebuild the hash is reset; a changed [dotfiles] changes the fingerprint.
+        if record.dotfiles_hash != config_fingerprint(cfg):
+            progress("syncing dotfiles")
+            report = sync_dotfiles(cfg, record)
+            result.messages.extend(report.warnings)
+            record = _update_record(registry, cfg.name, dotfiles_hash=report.fingerprint)
     elif record.dotfiles_hash is None:
         record = _update_record(registry, cfg.name, dotfiles_hash="none")
     env = cfg.env_dict

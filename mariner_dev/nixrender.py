@@ -144,8 +144,11 @@ def _vm_module(cfg: m.ProjectConfig, cid: int, ssh_port: int | None, public_key:
     elif cfg.network.interface:
         settings.append(("microvm.interfaces", nix_value(
             [{"type": "tap", "id": cfg.network.interface, "mac": mac}])))
-    if cfg.nix.packages:
-        paths = [p.split(".") for p in cfg.nix.packages]
+    packages = list(cfg.nix.packages)
+    if cfg.dotfiles.repository and "git" not in packages:
+        packages.append("git")  # the dotfiles repository is cloned in the guest
+    if packages:
+        paths = [p.split(".") for p in packages]
         settings.append(("environment.systemPackages",
                          f"map (attrPath: lib.getAttrFromPath attrPath pkgs) {nix_value(paths)}"))
     if cfg.env:

@@ -265,3 +265,30 @@ def test_corrupt_registry_is_a_clear_error(project):
     proc = project.mariner("status", check=1)
     assert "registry" in proc.stderr and "corrupt" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_up_syncs_dotfiles_on_first_boot_and_when_they_change(project):
+    import pwd
+    import uuid
+
+    guest_home = Path(pwd.getpwnam("mariner-guest").pw_dir)
+    name = f".mariner-lifecycle-{uuid.uuid4().hex[:8]}"
+    secret = f"{name}.pem"
+    home = Path(os.environ["HOME"])
+    (home / name).write_text("[user]\n  name = dev\n")
+    (home / secret).write_text("-----BEGIN PRIVATE KEY-----\nxx\n-----END PRIVATE KEY-----\n")
+    try:
+        project.write(extra=f'[dotfiles]\nfiles = ["~/{name}", "~/{secret}"]\n')
+        proc = project.mariner("up", check=0)
+        assert (guest_home / name).read_text() == "[user]\n  name = dev\n"
+        assert not (guest_home / secret).exists()
+        assert secret in proc.stderr and "allow" in proc.stderr  # the refusal is shown
+        (guest_home / name).unlink()
+        project.up_json()  # nothing changed: no sync, the guest-side deletion stays
+        assert not (guest_home / name).exists()
+        project.write(extra=f'[dotfiles]\nfiles = ["~/{name}"]\n')
+        project.up_json()  # [dotfiles] changed: synced again, the file restored
+        assert (guest_home / name).exists()
+    finally:
+        for leftover in (name, secret):
+            (guest_home / leftover).unlink(missing_ok=True)
