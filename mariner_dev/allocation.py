@@ -32,16 +32,17 @@ def host_lock() -> Iterator[None]:
         yield
 
 
-def foreign_vms() -> dict[str, int | None]:
-    """VMs in the microvm state directory, with the cid their mariner flake records if any."""
-    out: dict[str, int | None] = {}
+def foreign_vms() -> dict[str, tuple[int | None, int | None]]:
+    """VMs in the microvm state directory, with the (cid, SSH port) their mariner flake
+    records, if it is one of mariner's (possibly another user's)."""
+    out: dict[str, tuple[int | None, int | None]] = {}
     directory = paths.microvms_dir()
     try:
         entries = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
     except OSError:
         return out
     for entry in entries:
-        cid = None
+        cid = port = None
         try:
             ref = (entry / "flake").read_text().strip()
         except OSError:
@@ -50,7 +51,9 @@ def foreign_vms() -> dict[str, int | None]:
             meta = read_metadata(Path(ref[len("path:"):]))
             if meta and isinstance(meta.get("cid"), int):
                 cid = meta["cid"]
-        out[entry.name] = cid
+            if meta and isinstance(meta.get("ssh_port"), int):
+                port = meta["ssh_port"]
+        out[entry.name] = (cid, port)
     return out
 
 
@@ -88,11 +91,16 @@ def reserve(cfg: ProjectConfig, registry: Registry | None = None) -> VmRecord:
         check_ownership(cfg, record)
         others = {name: rec for name, rec in vms.items() if name != cfg.name}
         used_cids = {rec.cid: name for name, rec in others.items()}
-        for name, cid in foreign_vms().items():
-            if cid is not None and name != cfg.name:
+        used_ports = {rec.ssh_port: name for name, rec in others.items() if rec.ssh_port}
+        for name, (cid, port) in foreign_vms().items():
+            if name == cfg.name:
+                continue
+            if cid is not None:
                 used_cids.setdefault(cid, name)
+            if port is not None:
+                used_ports.setdefault(port, name)
         cid = _choose_cid(cfg, record, used_cids)
-        ssh_port = _choose_port(cfg, record, others) if cfg.network.mode == "user" else None
+        ssh_port = _choose_port(cfg, record, used_ports) if cfg.network.mode == "user" else None
         if record is None:
             record = VmRecord(name=cfg.name, project=str(cfg.project_dir),
                               config_file=str(cfg.config_file), cid=cid,
@@ -123,8 +131,7 @@ def _choose_cid(cfg: ProjectConfig, record: VmRecord | None, used: dict[int, str
                        "`mariner destroy` a VM you no longer need")
 
 
-def _choose_port(cfg: ProjectConfig, record: VmRecord | None, others: dict[str, VmRecord]) -> int:
-    taken = {rec.ssh_port: name for name, rec in others.items() if rec.ssh_port}
+def _choose_port(cfg: ProjectConfig, record: VmRecord | None, taken: dict[int, str]) -> int:
     wanted = cfg.network.ssh_port
     if wanted is not None:
         if wanted in taken:
@@ -134,7 +141,11 @@ def _choose_port(cfg: ProjectConfig, record: VmRecord | None, others: dict[str, 
     if record is not None and record.ssh_port and record.ssh_port not in taken:
         return record.ssh_port
     forwarded = {p.host for p in cfg.ports}
-    for port in SSH_PORT_RANGE:
+    # Random order: another user's stopped VM (another registry) does not hold its port open,
+    # so the lowest free port is the one most likely to be claimed twice.
+    import random
+
+    for port in random.sample(SSH_PORT_RANGE, len(SSH_PORT_RANGE)):
         if port not in taken and port not in forwarded and port_is_free(port):
             return port
     raise MarinerError("no free loopback port for SSH; set [network] ssh_port")
