@@ -23,7 +23,8 @@ start`): it starts one virtiofsd per share, then QEMU, and copies QEMU's serial 
 the unit's journal line by line (so `mariner logs` shows the boot). Unit states: activating
 until QEMU runs, then active; failed when QEMU dies on its own with an error, inactive when
 the guest powers itself off. Stopping is what microvm-shutdown does: QMP `qmp_capabilities`,
-`system_powerdown`, then wait for QEMU to exit (killed only after POWERDOWN_TIMEOUT).
+`system_powerdown`, then wait for QEMU to exit (repeated every POWERDOWN_REPEAT seconds, for a
+guest still booting; QEMU is killed only after POWERDOWN_TIMEOUT).
 
 Environment (inherited from the test through mariner):
     MARINER_E2E_IMAGE   the image directory (tests/e2e/image.py): rootfs.img, vmlinuz, initrd.img
@@ -62,6 +63,7 @@ CONFIG_DIR = ".e2e"
 FW_CFG_NAME = "opt/mariner/config.json"
 KERNEL_CMDLINE = "root=/dev/vda rw console=ttyS0 panic=-1 net.ifnames=0"
 POWERDOWN_TIMEOUT = 90.0  # a guest under TCG powers off in a few seconds; this is generous
+POWERDOWN_REPEAT = 5.0  # seconds between presses of the power button
 ACCELERATORS = {"tcg": "tcg,thread=multi", "kvm": "kvm"}
 DEFAULT_GROUP, DEFAULT_GID = "users", 100  # NixOS's `users` group (Debian's has gid 100 too)
 
@@ -426,11 +428,20 @@ def halt_guest(name: str, state: dict) -> None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(launcher, signal.SIGKILL)
     elif pid_alive(qemu):
-        try:
-            _qmp_powerdown(os.path.join(state.get("runtime") or "", "qmp.sock"))
-        except (OSError, ValueError) as exc:
-            fakelib.journal(name, ident, f"e2e host: QMP system_powerdown failed: {exc}")
-        if not _wait_gone(qemu, POWERDOWN_TIMEOUT):
+        sock = os.path.join(state.get("runtime") or "", "qmp.sock")
+        deadline = time.monotonic() + POWERDOWN_TIMEOUT
+        failures = 0
+        # A guest still booting has nothing listening to the power button yet (logind):
+        # press it again every few seconds, as someone at the machine would.
+        while pid_alive(qemu) and time.monotonic() < deadline:
+            try:
+                _qmp_powerdown(sock)
+            except (OSError, ValueError) as exc:
+                if not failures and pid_alive(qemu):
+                    fakelib.journal(name, ident, f"e2e host: QMP system_powerdown failed: {exc}")
+                failures += 1
+            _wait_gone(qemu, min(POWERDOWN_REPEAT, max(0.0, deadline - time.monotonic())))
+        if pid_alive(qemu):
             fakelib.journal(name, ident, f"e2e host: the guest did not power off within "
                             f"{POWERDOWN_TIMEOUT:g} s after system_powerdown: killing QEMU "
                             f"(its last writes may be lost)")

@@ -185,7 +185,9 @@ def make_vm(base: Path, image_dir: Path, name: str, *, gid: int | None = None,
     vm_lines = f'name = "{name}"\nuser = "{GUEST_USER}"\nuid = {GUEST_UID}\n'
     if gid is not None:
         vm_lines += f"gid = {gid}\n"
-    port_line = f"ssh_port = {ssh_port}\n" if ssh_port else ""
+    # an explicit port from the ephemeral range: mariner's allocator starts at 22200 in every
+    # isolated MARINER_HOME, so test runs sharing a machine would pick the same one
+    port_line = f"ssh_port = {ssh_port or free_port()}\n"
     (project / "mariner.toml").write_text(
         f'[vm]\n{vm_lines}cpus = 2\nmemory = "1GiB"\n\n'
         f'[network]\nmode = "user"\n{port_line}\n'

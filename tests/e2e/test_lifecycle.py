@@ -123,6 +123,21 @@ def test_a_vm_whose_qemu_dies_is_failed_and_up_restarts_it(vm):
     assert vm.guest_text("cat ~/on-the-disk") == "kept across down and up"
 
 
+def test_up_while_the_guest_boots_waits_for_it(vm):
+    # the host started the VM on its own (microvm.nix autostarts VMs at boot): mariner finds
+    # the unit active and the SSH port accepting connections (QEMU's), the guest not there yet
+    vm.close_ssh()
+    vm.mariner("down", check=0)
+    subprocess.run([str(E2E_BIN / "systemctl"), "start", f"microvm@{vm.name}"], env=vm.env,
+                   check=True, capture_output=True, timeout=60)
+    wait_for(lambda: _unit_state(vm) == "active", 30, "QEMU to start")
+    assert not ssh_banner(_port(vm), timeout=0.5)  # still booting
+    vm.up()
+    assert ssh_banner(_port(vm), timeout=5), "up returned before the guest answered SSH"
+    assert vm.mariner("exec", "--", "cat", "/home/dev/on-the-disk").stdout == \
+        "kept across down and up\n"
+
+
 def test_destroy_removes_the_vm_and_its_disk(vm):
     pids = vm_pids(vm)
     vm.close_ssh()
