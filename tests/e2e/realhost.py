@@ -307,7 +307,8 @@ def boot(name: str) -> int:
         fakelib.journal(name, ident, f"e2e host: {' '.join(argv)}")
         qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT)
-    except (Refused, OSError, KeyError, ValueError, subprocess.CalledProcessError) as exc:
+    except (Refused, OSError, KeyError, TypeError, ValueError,
+            subprocess.CalledProcessError) as exc:
         _cleanup(children, runtime)
         detail = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else exc
         with fakelib.unit_lock(directory):
@@ -335,7 +336,10 @@ def boot(name: str) -> int:
 def _settle(name: str, status: int) -> None:
     """QEMU has exited. If nobody is stopping the unit, record what systemd would."""
     directory = fakelib.vm_dir(name)
-    fd = os.open(directory / fakelib.LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(directory / fakelib.LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    except FileNotFoundError:
+        return  # destroyed: there is no unit left to record anything for
     try:
         while True:
             if fakelib.read_unit(name).get("state") == "deactivating":
