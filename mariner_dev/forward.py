@@ -56,11 +56,22 @@ class ForwardState:
     forward: PortForward
     active: int = 0        # connections carried right now
     total: int = 0
-    last_error: str | None = None
+    last_error: str | None = None    # the last failure carrying a connection
+    listening: bool = False
+    error: str | None = None         # why the host port is not listening (port in use, ...)
+
+    @property
+    def state(self) -> str:
+        """`listening`, `failed` (the host port could not be taken) or `stopped`."""
+        if self.listening:
+            return "listening"
+        return "failed" if self.error else "stopped"
 
     def to_json(self) -> dict:
-        return {"host": f"{LISTEN}:{self.forward.host}", "guest": f"{LISTEN}:{self.forward.guest}",
-                "active": self.active, "total": self.total, "last_error": self.last_error}
+        return {"forward": str(self.forward), "host": f"{LISTEN}:{self.forward.host}",
+                "guest": f"{LISTEN}:{self.forward.guest}", "state": self.state,
+                "error": self.error, "active": self.active, "total": self.total,
+                "last_error": self.last_error}
 
 
 class Forwarder:
@@ -74,17 +85,46 @@ class Forwarder:
         self.get_conn = get_conn
         self.say = say
         self.connect_timeout = connect_timeout
-        self._servers: list[asyncio.base_events.Server] = []
+        self._servers: dict[int, asyncio.base_events.Server] = {}   # by host port
         self._tasks: set[asyncio.Task] = set()
 
-    async def start(self) -> None:
-        """Listen on every host port, or on none: a port in use fails the whole set."""
+    async def start(self, *, keep_going: bool = False) -> None:
+        """Listen on every host port, or on none: a port in use fails the whole set.
+
+        With keep_going, a port that cannot be taken is recorded in its state (`error`) and
+        the others listen anyway; `retry_failed()` tries it again later (the agent does).
+        """
         try:
             for state in self.states:
-                self._servers.append(await self._listen(state))
+                await self._take(state, keep_going)
         except BaseException:
             await self.close()
             raise
+
+    async def _take(self, state: ForwardState, keep_going: bool) -> bool:
+        try:
+            self._servers[state.forward.host] = await self._listen(state)
+        except MarinerError as exc:
+            if not keep_going:
+                raise
+            if exc.message != state.error:
+                self.say(f"forward {state.forward}: {exc.message}")
+            state.error = exc.message
+            return False
+        state.listening, state.error = True, None
+        return True
+
+    async def retry_failed(self) -> list[ForwardState]:
+        """Try again the host ports that could not be taken; the forwards now listening."""
+        taken = []
+        for state in self.states:
+            if not state.listening and state.error and await self._take(state, True):
+                self.say(f"forward {state.forward}: listening on {LISTEN}:{state.forward.host}")
+                taken.append(state)
+        return taken
+
+    def failed(self) -> list[ForwardState]:
+        return [s for s in self.states if not s.listening and s.error]
 
     async def _listen(self, state: ForwardState):
         def accepted(reader, writer) -> None:
@@ -148,15 +188,18 @@ class Forwarder:
 
     async def close(self) -> None:
         """Stop listening and drop the connections in flight; the ports are free on return."""
-        for server in self._servers:
+        servers = list(self._servers.values())
+        for server in servers:
             server.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        for server in self._servers:
+        for server in servers:
             await server.wait_closed()
-        self._servers = []
+        self._servers = {}
+        for state in self.states:
+            state.listening = False
 
 
 async def _pipe(source, sink) -> None:
@@ -181,14 +224,16 @@ async def _pipe(source, sink) -> None:
 
 async def hold_forwards(get_conn: Callable[[], Awaitable[object]],
                         forwards: Iterable[PortForward],
-                        say: Callable[[str], None] = lambda _: None) -> Forwarder:
+                        say: Callable[[str], None] = lambda _: None, *,
+                        keep_going: bool = False) -> Forwarder:
     """Start listening for `forwards` (what the agent calls at start); `await f.close()` at stop.
 
     `get_conn()` returns the live asyncssh connection, waiting for a reconnect if needed.
-    Raises PortInUse (nothing is left listening) when a host port is taken.
+    Raises PortInUse (nothing is left listening) when a host port is taken; with keep_going
+    (the agent) the other forwards listen and the failure is in `table()` instead.
     """
     forwarder = Forwarder(forwards, get_conn, say)
-    await forwarder.start()
+    await forwarder.start(keep_going=keep_going)
     return forwarder
 
 

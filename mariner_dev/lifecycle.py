@@ -327,15 +327,19 @@ class VmStatus:
     ssh_port: int | None = None
     cid: int | None = None
     uptime: float | None = None
-    forwards: list[str] = field(default_factory=list)
+    # `[ports] forward` as the agent holds them: {"forward", "host", "guest", "state"
+    # (listening | failed | not held), "error", "active", "total", "last_error"}
+    forwards: list[dict] = field(default_factory=list)
     agent: bool = False
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {"name": self.name, "state": self.state, "project": self.project,
                 "managed": self.managed, "outdated": self.outdated,
                 "changed_keys": self.changed_keys, "restart_pending": self.restart_pending,
                 "address": self.address, "ssh_port": self.ssh_port, "cid": self.cid,
-                "uptime": self.uptime, "forwards": self.forwards, "agent": self.agent}
+                "uptime": self.uptime, "forwards": self.forwards, "agent": self.agent,
+                "notes": self.notes}
 
 
 def _state_of(host: HostVmStatus, record: VmRecord | None, probe: bool = True) -> str:
@@ -392,8 +396,7 @@ def status(cfg: ProjectConfig, *, backend: HostBackend | None = None) -> VmStatu
     result = VmStatus(name=cfg.name, state=state, project=record.project, managed=True,
                       cid=record.cid, ssh_port=record.ssh_port,
                       address=_address(cfg, record)[0],
-                      uptime=host.uptime if host.running else None,
-                      forwards=[str(p) for p in cfg.ports])
+                      uptime=host.uptime if host.running else None)
     if host.exists and record.built_hash:
         flake = render_for(cfg, record)
         result.outdated = flake.hash != record.built_hash
@@ -402,7 +405,35 @@ def status(cfg: ProjectConfig, *, backend: HostBackend | None = None) -> VmStatu
                 or ["nix modules"]
     result.restart_pending = record.restart_pending or (host.running and host.restart_pending)
     result.agent = remote.agent_running(cfg.name) if host.running else False
+    result.forwards, result.notes = _held_forwards(cfg, record, result.agent)
     return result
+
+
+def _held_forwards(cfg: ProjectConfig, record: VmRecord, agent: bool) -> tuple[list[dict], list[str]]:
+    """The forwards as the VM's agent holds them (asked over its socket: no asyncssh here);
+    the configured ones as `not held` when no agent answers. Plus notes on what differs."""
+    from .remote import client
+    from .remote.target import target_for
+
+    def not_held(why: str) -> list[dict]:
+        return [{"forward": str(p), "host": f"127.0.0.1:{p.host}",
+                 "guest": f"127.0.0.1:{p.guest}", "state": "not held", "error": why,
+                 "active": 0, "total": 0, "last_error": None} for p in cfg.ports]
+
+    if not agent:
+        return not_held("no agent is running (`mariner up` starts it)"), []
+    try:
+        info = client.agent_forwards(target_for(cfg, record))
+    except (client.AgentUnavailable, MarinerError) as exc:
+        return not_held(f"the agent did not answer: {getattr(exc, 'reason', exc)}"), []
+    held = info.get("forwards") or []
+    notes = []
+    if info.get("stale"):
+        notes.append(f"{info['stale']}: `mariner up` replaces it")
+    configured = [str(p) for p in cfg.ports]
+    if [f.get("forward") for f in held] != configured:
+        notes.append("[ports] forward changed since the agent started: `mariner up` applies it")
+    return held, notes
 
 
 def list_vms(*, backend: HostBackend | None = None) -> list[VmStatus]:

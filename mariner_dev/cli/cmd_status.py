@@ -12,6 +12,20 @@ def _uptime(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def _forward_line(forward: dict) -> str:
+    """`127.0.0.1:8000 -> guest 127.0.0.1:8000  listening (1 open, 4 so far)`, or the reason
+    the forward is not listening."""
+    where = f"{forward['host']} -> guest {forward['guest']}"
+    state = forward["state"]
+    if state == "listening":
+        detail = f"listening ({forward['active']} open, {forward['total']} so far)"
+        if forward.get("last_error"):
+            detail += f"; last error: {forward['last_error']}"
+    else:
+        detail = f"{state}: {forward.get('error')}"
+    return f"{where}  {detail}"
+
+
 @app.command("status")
 def status(project: ProjectOpt = None, json_output: JsonOpt = False) -> None:
     """Show this project's VM: state, whether its config changed since it was built, address."""
@@ -34,8 +48,11 @@ def status(project: ProjectOpt = None, json_output: JsonOpt = False) -> None:
     if result.cid is not None:
         lines.append(f"cid:      {result.cid}")
     lines.append(f"uptime:   {_uptime(result.uptime)}")
-    if result.forwards:
-        lines.append(f"forwards: {', '.join(result.forwards)}")
+    for index, forward in enumerate(result.forwards):
+        label = "forwards:" if index == 0 else ""
+        lines.append(f"{label:<10}{_forward_line(forward)}")
+    for note in result.notes:
+        lines.append(f"note:     {note}")
     if not result.managed and result.state != "absent":
         lines.append("note:     this VM was not created by mariner")
     print("\n".join(lines))

@@ -35,18 +35,37 @@ def sync(
                          f"or repository")
     record = dotfiles.running_vm(cfg)
     if watch:
+        # A long-running foreground process: it pays for its own connection once and keeps
+        # it (reconnecting after a VM restart) for watchdog's events; the agent is not needed.
         from ..state import attached
 
         with attached(cfg.name, "sync-watch"):
             dotfiles.watch(cfg, record, _say)
         ctx.err.print("stopped watching.")
         return
-    report = dotfiles.sync_once(cfg, record, dry_run=dry_run)
+    result = _sync_now(ctx, cfg, record, dry_run)
     if json_output:
-        ctx.emit_json(report.to_json())
+        ctx.emit_json(result["report"])
         return
-    for line in report.lines():
+    for line in result["lines"]:
         _say(line)
-    for line in report.warnings:
+    for line in result["warnings"]:
         ctx.err.print(line, markup=False)
-    ctx.err.print(report.summary(), markup=False)
+    ctx.err.print(result["summary"], markup=False)
+
+
+def _sync_now(ctx, cfg, record, dry_run: bool) -> dict:
+    """One sync, by the VM's agent on its held connection when it can (no asyncssh here),
+    else on a connection of our own; sync.outcome() JSON either way."""
+    from .. import sync as dotfiles
+    from ..remote import dispatch
+    from ..remote.target import target_for
+
+    def direct() -> dict:
+        return dotfiles.outcome(dotfiles.sync_once(cfg, record, dry_run=dry_run))
+
+    request = {"spec": dotfiles.spec_request(cfg), "dry_run": dry_run}
+    return dispatch.sync(target_for(cfg, record), request, direct,
+                         forwards=[(p.host, p.guest) for p in cfg.ports],
+                         verbose=bool(ctx.verbose),
+                         warn=lambda line: ctx.err.print(f"mariner: {line}", markup=False))

@@ -1,11 +1,15 @@
 """The per-VM background agent: one authenticated SSH connection, served over a Unix socket.
 
-Run as `python -m mariner_dev.remote.agent TARGET_JSON` (remote.client.spawn_agent does).
-The agent holds an exclusive flock on `<socket>.lock` for its whole life, so liveness is
-checked without talking to it; it binds its socket (0600, in the 0700 runtime dir) before the
-slow asyncssh import, so clients can reach it at once. It answers a client of another build
-or for another target with "stale" and exits, reconnects when the guest restarts, and exits
-when the VM is no longer in mariner's registry or has been unreachable for a long time.
+Run as `python -m mariner_dev.remote.agent SPEC_JSON` (remote.client.spawn_agent does), where
+the spec is `{"target": <GuestTarget JSON>, "forwards": [[HOST, GUEST], ...]}` (a bare target
+JSON means no forwards). The agent holds an exclusive flock on `<socket>.lock` for its whole
+life, so liveness is checked without talking to it; it binds its socket (0600, in the 0700
+runtime dir) before the slow asyncssh import, so clients can reach it at once. It listens on
+the `[ports] forward` host ports from the start (a port in use is recorded, reported to `up`
+and `status`, and tried again every few seconds) until it stops. It serves exec, shell and
+sync, answers a client of another build, target or forward list with "stale" and exits,
+reconnects when the guest restarts, and exits when the VM is no longer in mariner's registry or
+has been unreachable for a long time.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import time
 
 from .. import paths
 from . import proto
-from .client import lock_path, socket_path
+from .client import lock_path, log_path, socket_path
 from .target import GuestTarget
 
 GIVE_UP_AFTER = 600.0        # seconds unreachable with nothing to serve
@@ -38,11 +42,16 @@ def log(message: str) -> None:
 
 
 class Agent:
-    def __init__(self, target: GuestTarget, listener: socket.socket):
+    def __init__(self, target: GuestTarget, listener: socket.socket,
+                 forwards: list[tuple[int, int]] = ()):
         self.target = target
         self.listener = listener
         self.build = proto.build_hash()
         self.fingerprint = target.fingerprint()
+        self.forward_list = [(int(h), int(g)) for h, g in forwards]
+        self.forwards_fingerprint = proto.forwards_fingerprint(self.forward_list)
+        self.forwarder = None
+        self.syncer = None
         self.conn = None
         self.connected = asyncio.Event()
         self.kick = asyncio.Event()
@@ -59,15 +68,53 @@ class Agent:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(signum, self.stopping.set)
         self.listener.setblocking(False)
+        # The forwards listen before the first client is served: `up` learns at once which
+        # host ports could not be taken.
+        await self._hold_forwards()
         tasks = [asyncio.create_task(self._accept_loop()),
                  asyncio.create_task(self._keep_connected()),
                  asyncio.create_task(self._watch())]
+        if self.forwarder is not None:
+            tasks.append(asyncio.create_task(self._retry_ports()))
         await self.stopping.wait()
         for task in tasks:
             task.cancel()
+        if self.forwarder is not None:
+            await self.forwarder.close()
         if self.conn is not None:
             self.conn.close()
         log("stopping")
+
+    # -- forwards -------------------------------------------------------------------------
+    async def _hold_forwards(self) -> None:
+        if not self.forward_list:
+            return
+        from ..forward import hold_forwards
+        from ..model import PortForward
+
+        forwards = [PortForward(host=h, guest=g) for h, g in self.forward_list]
+        self.forwarder = await hold_forwards(self._conn_for_forward, forwards, log,
+                                             keep_going=True)
+        held = [str(s.forward) for s in self.forwarder.states if s.listening]
+        if held:
+            log(f"forwarding {', '.join(held)}")
+
+    async def _retry_ports(self) -> None:
+        while True:
+            await asyncio.sleep(proto.PORT_RETRY)
+            if self.forwarder.failed():
+                await self.forwarder.retry_failed()
+
+    async def _conn_for_forward(self):
+        """The held connection; a forward's client waits for a reconnect (the forwarder
+        bounds the wait) rather than fail while the VM restarts."""
+        while self.conn is None or not self.connected.is_set():
+            self.kick.set()
+            await self.connected.wait()
+        return self.conn
+
+    def forwards_table(self) -> list[dict]:
+        return self.forwarder.table() if self.forwarder is not None else []
 
     # -- the connection -------------------------------------------------------------------
     async def _keep_connected(self) -> None:
@@ -203,22 +250,24 @@ class Agent:
                 hello, fds = await self._recv_hello(csock)
             except (EOFError, ValueError, OSError, asyncio.TimeoutError):
                 return
-            if hello.get("proto") != proto.PROTO or hello.get("build") != self.build \
-                    or hello.get("target") != self.fingerprint:
-                await self._send(csock, proto.ERROR, {
-                    "kind": "stale", "message": "the running agent is from another build of "
-                    "mariner or for another address of the VM"})
-                log("a client of another build/target asked; stepping down")
+            op = hello.get("op")
+            stale = self._stale(hello)
+            if stale and hello.get("probe") and hello.get("proto") == proto.PROTO:
+                # A read-only question (`status`) never makes the agent step down.
+                await self._send(csock, proto.READY, self._ready(stale=stale))
+                return
+            if stale:
+                await self._send(csock, proto.ERROR, {"kind": "stale", "message": stale})
+                log(f"a client asked for another agent ({stale}); stepping down")
                 self.stopping.set()
                 return
-            op = hello.get("op")
-            if op == "ping":
-                await self._send(csock, proto.READY, {
-                    "pid": os.getpid(), "build": self.build,
-                    "connected": self.connected.is_set()})
+            if op in ("ping", "forwards"):
+                await self._send(csock, proto.READY, self._ready())
             elif op == "exec":
                 await self._exec(csock, hello.get("request") or {}, fds)
                 fds = []
+            elif op == "sync":
+                await self._sync(csock, hello.get("request") or {})
             else:
                 await self._send(csock, proto.ERROR, {"kind": "bad",
                                                       "message": f"unknown op {op!r}"})
@@ -228,6 +277,67 @@ class Agent:
             for fd in fds:
                 os.close(fd)
             csock.close()
+
+    def _stale(self, hello: dict) -> str | None:
+        """Why this agent is not the one the client wants, or None."""
+        if hello.get("proto") != proto.PROTO or hello.get("build") != self.build:
+            return "the running agent is from another build of mariner"
+        if hello.get("target") != self.fingerprint:
+            return "the running agent is for another address or login of the VM"
+        if "forwards" in hello and hello["forwards"] != self.forwards_fingerprint:
+            return "the running agent holds another [ports] forward list"
+        return None
+
+    def _ready(self, stale: str | None = None) -> dict:
+        return {"pid": os.getpid(), "build": self.build, "connected": self.connected.is_set(),
+                "forwards": self.forwards_table(), "stale": stale}
+
+    async def _sync(self, csock: socket.socket, request: dict) -> None:
+        """`mariner sync` on the held connection; the client hanging up (Ctrl-C) cancels it."""
+        from ..errors import GuestUnreachable, MarinerError
+        from .sync_service import SyncService
+
+        if self.syncer is None:
+            self.syncer = SyncService(self.get_conn, self._drop_conn, self.target.name)
+        loop = asyncio.get_running_loop()
+        self.active += 1
+        try:
+            await self._send(csock, proto.READY, {"pid": os.getpid(), "build": self.build})
+            work = asyncio.create_task(self.syncer.run(request))
+            hangup = asyncio.create_task(loop.sock_recv(csock, 1))
+            await asyncio.wait({work, hangup}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+                log("a sync was cancelled: its client hung up")
+                return
+            hangup.cancel()
+            try:
+                result = work.result()
+            except MarinerError as exc:
+                kind = "unreachable" if isinstance(exc, GuestUnreachable) else "failed"
+                await self._send(csock, proto.ERROR, {"kind": kind, "message": exc.message,
+                                                      "hint": exc.hint,
+                                                      "exit_code": exc.exit_code})
+                return
+            except Exception as exc:  # noqa: BLE001 - a bug: reported, logged, not fatal
+                import traceback
+
+                log("sync failed:\n" + traceback.format_exc())
+                await self._send(csock, proto.ERROR, {
+                    "kind": "failed", "message": f"the sync failed in the mariner agent "
+                    f"({exc.__class__.__name__}: {exc}); see {log_path(self.target.name)}"})
+                return
+            await loop.sock_sendall(csock, proto.frame(proto.RESULT, json.dumps(result).encode()))
+        finally:
+            self.active -= 1
+
+    def _drop_conn(self, conn) -> None:
+        """`conn` turned out dead: forget it so that get_conn() waits for a new one."""
+        if self.conn is conn:
+            conn.close()
+            self.connected.clear()
+            self.conn = None
 
     async def _start(self, request, stdio):
         """Open the session, reconnecting once if the held connection turns out dead."""
@@ -253,10 +363,7 @@ class Agent:
                 if attempt == 2:
                     raise
             # The held connection died under us (VM restarted): wait for the new one.
-            if self.conn is conn:
-                conn.close()
-                self.connected.clear()
-                self.conn = None
+            self._drop_conn(conn)
             await asyncio.sleep(0.05)
         raise RuntimeError("unreachable")
 
@@ -350,7 +457,11 @@ def _take_lock(name: str) -> int | None:
 
 
 def main(argv: list[str]) -> int:
-    target = GuestTarget.from_json(json.loads(argv[0]))
+    spec = json.loads(argv[0])
+    if "target" in spec:
+        target, forwards = GuestTarget.from_json(spec["target"]), spec.get("forwards") or []
+    else:  # a bare target: no forwards
+        target, forwards = GuestTarget.from_json(spec), []
     paths.ensure_private_dir(paths.runtime_dir())
     lock_fd = _take_lock(target.name)
     if lock_fd is None:
@@ -372,7 +483,7 @@ def main(argv: list[str]) -> int:
     inode = os.stat(path).st_ino
     log(f"serving VM {target.name} ({target.describe()}) on {path}")
     try:
-        asyncio.run(Agent(target, listener).serve())
+        asyncio.run(Agent(target, listener, forwards).serve())
     finally:
         listener.close()
         try:

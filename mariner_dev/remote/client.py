@@ -1,7 +1,9 @@
-"""The client side of the per-VM agent: find it, check it, hand it our stdio, relay signals.
+"""The client side of the per-VM agent: find it, check it, hand it our stdio, relay signals;
+ask it for a sync or for the forwards it holds.
 
 Imports only the standard library and mariner's light modules (no asyncssh), so that `exec`
-served by the agent starts in a few tens of milliseconds.
+served by the agent starts in a few tens of milliseconds, and `status` and `sync` through the
+agent never load asyncssh.
 """
 
 from __future__ import annotations
@@ -87,9 +89,14 @@ def read_frame(sock: socket.socket) -> tuple[bytes, bytes]:
     return kind, _recv_exact(sock, length) if length else b""
 
 
-def _hello(target: "GuestTarget", op: str, request: dict | None = None) -> bytes:
+def _hello(target: "GuestTarget", op: str, request: dict | None = None, *,
+           forwards: list | None = None, probe: bool = False) -> bytes:
     body = {"proto": proto.PROTO, "build": proto.build_hash(), "target": target.fingerprint(),
             "op": op, "request": request}
+    if forwards is not None:
+        body["forwards"] = proto.forwards_fingerprint(forwards)
+    if probe:
+        body["probe"] = True
     return proto.frame(proto.HELLO, json.dumps(body).encode())
 
 
@@ -127,12 +134,97 @@ def _handshake(sock: socket.socket, hello: bytes, fds: list[int] | None = None) 
     raise AgentUnavailable(f"unexpected reply from the agent ({kind!r})")
 
 
-def ping(target: "GuestTarget") -> dict:
-    """Handshake only: raises AgentUnavailable (stale=True for another build/target)."""
+def ping(target: "GuestTarget", forwards: list | None = None) -> dict:
+    """Handshake only: raises AgentUnavailable (stale=True for another build/target, or for
+    another `[ports] forward` list when `forwards` is given)."""
     sock = _open(target.name)
     with sock:
         sock.settimeout(5.0)
-        return _handshake(sock, _hello(target, "ping"))
+        return _handshake(sock, _hello(target, "ping", forwards=forwards))
+
+
+def agent_forwards(target: "GuestTarget", timeout: float = 2.0) -> dict:
+    """The agent's answer to a read-only `forwards` question: {"forwards": [ForwardState
+    JSON...], "stale": reason or None, "connected", "pid"}. Never makes the agent step down
+    (`status` asks it). Raises AgentUnavailable when no agent answers."""
+    sock = _open(target.name)
+    with sock:
+        sock.settimeout(timeout)
+        try:
+            return _handshake(sock, _hello(target, "forwards", probe=True))
+        except OSError as exc:  # a timeout: an agent that does not answer is no agent
+            raise AgentUnavailable(f"the agent did not answer ({exc})") from None
+
+
+def run_sync(target: "GuestTarget", request: dict, on_ready=None) -> dict:
+    """Have the agent sync (request: {"spec", "dry_run"}); returns sync.outcome() as JSON.
+
+    Raises AgentUnavailable before the agent accepted (safe to fall back), GuestUnreachable
+    when the agent cannot reach the guest, MarinerError when the sync failed.
+    """
+    sock = _open(target.name)
+    with sock:
+        sock.settimeout(10.0)
+        try:
+            _handshake(sock, _hello(target, "sync", request))
+        except TimeoutError:
+            raise AgentUnavailable("the agent did not answer within 10 s") from None
+        if on_ready is not None:
+            on_ready()
+        sock.settimeout(None)   # a first sync of many megabytes takes what it takes
+        try:
+            kind, payload = read_frame(sock)
+        except (EOFError, ConnectionResetError):
+            raise _unreachable(f"the mariner agent for VM {target.name} went away mid-sync; "
+                               f"see {log_path(target.name)}") from None
+    info = json.loads(payload or b"{}")
+    if kind == proto.RESULT:
+        return info
+    if kind == proto.ERROR and info.get("kind") != "unreachable":
+        from ..errors import MarinerError
+
+        raise MarinerError(info.get("message") or "the sync failed", hint=info.get("hint"),
+                           exit_code=info.get("exit_code"))
+    raise _unreachable(info.get("message") or f"unexpected reply from the agent ({kind!r})")
+
+
+def forward_warnings(table: list[dict]) -> list[str]:
+    """One line per forward the agent could not listen for, saying what to do."""
+    lines = []
+    for entry in table:
+        if entry.get("state") != "failed":
+            continue
+        port = str(entry.get("host", "")).rpartition(":")[2]
+        lines.append(f"warning: {entry.get('error')}; the agent holds the other forwards and "
+                     f"tries this one again every {proto.PORT_RETRY:g} s: free the port "
+                     f"(`ss -ltnp 'sport = :{port}'` shows what holds it) or change "
+                     f"[ports] forward and run `mariner up`")
+    return lines
+
+
+def _warn_stderr(line: str) -> None:
+    sys.stderr.write(f"mariner: {line}\n")
+    sys.stderr.flush()
+
+
+def configured_forwards(name: str) -> list[tuple[int, int]] | None:
+    """The `[ports] forward` list of VM `name`'s project (registry -> mariner.toml), or None
+    when it cannot be read (then an agent's list is neither checked nor replaced)."""
+    from ..errors import MarinerError
+
+    try:
+        from ..config import load_project
+        from ..state import Registry
+
+        record = Registry().get(name)
+        if record is None:
+            return None
+        cfg = load_project(project_dir=Path(record.project))
+    except (MarinerError, OSError, ValueError):
+        return None
+    if cfg.name != name:
+        return None
+    return [(p.host, p.guest) for p in cfg.ports]
 
 
 def run_exec(target: "GuestTarget", request: "ExecRequest", fds=(0, 1, 2), on_ready=None) -> int:
@@ -230,8 +322,9 @@ def stop_agent(name: str, timeout: float = 5.0) -> None:
             pass
 
 
-def spawn_agent(target: "GuestTarget") -> None:
-    """Start a detached agent process for `target` (it exits by itself if one is running)."""
+def spawn_agent(target: "GuestTarget", forwards: list | None = None) -> None:
+    """Start a detached agent process for `target` holding `forwards` ([(HOST, GUEST)...]);
+    it exits by itself if one is running."""
     import subprocess
 
     paths.ensure_private_dir(paths.runtime_dir())
@@ -243,27 +336,40 @@ def spawn_agent(target: "GuestTarget") -> None:
     log = os.open(log_path(target.name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         subprocess.Popen(
-            [sys.executable, "-m", "mariner_dev.remote.agent", json.dumps(target.to_json())],
+            [sys.executable, "-m", "mariner_dev.remote.agent",
+             json.dumps({"target": target.to_json(),
+                         "forwards": [list(pair) for pair in forwards or []]})],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/", env=env,
             start_new_session=True, close_fds=True)
     finally:
         os.close(log)
 
 
-def ensure_agent(target: "GuestTarget", timeout: float = START_TIMEOUT) -> dict:
-    """A live agent of the current build for `target`: reuse, replace a stale one, or start one."""
+def ensure_agent(target: "GuestTarget", timeout: float = START_TIMEOUT, *,
+                 forwards: list | None = None, warn=_warn_stderr) -> dict:
+    """A live agent of the current build for `target`: reuse, replace a stale one, or start one.
+
+    `forwards` ([(HOST, GUEST)...], default: the project's `[ports] forward`) is what the
+    agent must hold: one holding another list is replaced. `warn` gets one line per forward
+    whose host port could not be taken (default: stderr, which is how `up` shows them).
+    """
+    if forwards is None:
+        forwards = configured_forwards(target.name)
     deadline = time.monotonic() + timeout
     spawns, spawned_at, last = 0, 0.0, "did not start"
     while True:
         try:
-            return ping(target)
+            info = ping(target, forwards)
+            for line in forward_warnings(info.get("forwards") or []):
+                warn(line)
+            return info
         except AgentUnavailable as exc:
             last = exc.reason
             starting = time.monotonic() - spawned_at < 3.0
             if exc.stale or (not agent_running(target.name) and not starting and spawns < 3):
                 # Another build or target, or nothing alive behind the socket: replace it.
                 stop_agent(target.name)
-                spawn_agent(target)
+                spawn_agent(target, forwards)
                 spawns += 1
                 spawned_at = time.monotonic()
             # Otherwise an agent is alive but not listening yet: give it time.

@@ -1,4 +1,5 @@
-"""Run one exec/shell request through the agent or directly, and record which path served it.
+"""Run one exec/shell/sync request through the agent or directly, and record which path
+served it.
 
 `MARINER_AGENT=require` fails (exit 125) rather than fall back; `off` never uses an agent;
 the default (`auto`) uses the agent, starting one on first use, and connects directly when no
@@ -12,7 +13,9 @@ import os
 import sys
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # the exec fast path imports neither
+if TYPE_CHECKING:  # the exec fast path imports none of these
+    from typing import Callable
+
     from .command import ExecRequest
     from .target import GuestTarget
 
@@ -49,23 +52,10 @@ def execute(target: "GuestTarget", request: "ExecRequest", *, fds=(0, 1, 2),
         # Re-pin over a connection of our own; a running agent still trusts the old key.
         client.stop_agent(target.name)
     elif mode != "off":
-        try:
-            try:
-                status = client.run_exec(target, request, fds,
-                                         on_ready=lambda: record_path("agent", verbose))
-            except client.AgentUnavailable:
-                client.ensure_agent(target)
-                status = client.run_exec(target, request, fds,
-                                         on_ready=lambda: record_path("agent", verbose))
+        status = _via_agent(target, mode, verbose, lambda: client.run_exec(
+            target, request, fds, on_ready=lambda: record_path("agent", verbose)))
+        if status is not _DIRECT:
             return status
-        except client.AgentUnavailable as exc:
-            if mode == "require":
-                from ..errors import GuestUnreachable
-
-                raise GuestUnreachable(f"MARINER_AGENT=require, but the agent for VM "
-                                       f"{target.name} cannot serve: {exc.reason}") from None
-            if verbose:
-                sys.stderr.write(f"mariner: agent unavailable ({exc.reason}); connecting directly\n")
     from . import session
     from .target import GuestTarget
     from .terminal import raw_mode
@@ -80,3 +70,59 @@ def execute(target: "GuestTarget", request: "ExecRequest", *, fds=(0, 1, 2),
     if outcome.message:
         sys.stderr.write(f"mariner: {outcome.message}\n")
     return outcome.status
+
+
+_DIRECT = object()   # _via_agent's answer: no agent can serve, connect directly
+
+
+def _via_agent(target, mode: str, verbose: bool, serve, *, forwards: list | None = None,
+               warn=None):
+    """`serve()` through the agent, starting (or replacing) one on first use; _DIRECT when no
+    agent can serve and `mode` allows a direct connection."""
+    from . import client
+
+    try:
+        try:
+            return serve()
+        except client.AgentUnavailable:
+            client.ensure_agent(target, forwards=forwards, warn=warn or _verbose_warn(verbose))
+            return serve()
+    except client.AgentUnavailable as exc:
+        if mode == "require":
+            from ..errors import GuestUnreachable
+
+            raise GuestUnreachable(f"MARINER_AGENT=require, but the agent for VM "
+                                   f"{target.name} cannot serve: {exc.reason}") from None
+        if verbose:
+            sys.stderr.write(f"mariner: agent unavailable ({exc.reason}); connecting directly\n")
+    return _DIRECT
+
+
+def _verbose_warn(verbose: bool):
+    """Agent start-up warnings (a forward's port in use) on an exec's stderr only with -v:
+    without it, stderr is the remote command's alone."""
+    def warn(line: str) -> None:
+        if verbose:
+            sys.stderr.write(f"mariner: {line}\n")
+    return warn
+
+
+def sync(target: "GuestTarget", request: dict, direct: "Callable[[], dict]", *,
+         forwards: list | None = None, verbose: bool = False,
+         warn: "Callable[[str], None] | None" = None) -> dict:
+    """Run a sync (request: {"spec", "dry_run"}) in the agent, else `direct()`; both return
+    sync.outcome() JSON. The agent path imports no asyncssh.
+
+    `forwards` is the project's `[ports] forward`, for an agent started here on first use.
+    """
+    from . import client
+
+    mode = agent_mode()
+    if mode != "off":
+        result = _via_agent(target, mode, verbose, lambda: client.run_sync(
+            target, request, on_ready=lambda: record_path("agent", verbose)),
+            forwards=forwards, warn=warn)
+        if result is not _DIRECT:
+            return result
+    record_path("direct", verbose)
+    return direct()

@@ -4,8 +4,9 @@ Importing this package is cheap (no asyncssh): the heavy modules load when a syn
 
 Entry points:
     sync_dotfiles(cfg, record)            `up`: first boot and after a rebuild (installs again)
-    sync_once(cfg, record, dry_run=...)   `mariner sync`
+    sync_once(cfg, record, dry_run=...)   `mariner sync` on a connection of its own
     sync_over(conn, spec, ...)            on a connection someone already holds (the agent)
+    spec_request(cfg) / outcome(report)   what a client sends the agent / what it gets back
     watch(cfg, record, out)               `mariner sync --watch`
 """
 
@@ -45,6 +46,26 @@ def spec_for(cfg, guest_root: str | None = None):
     from .engine import spec_for as _spec_for
 
     return _spec_for(cfg, guest_root)
+
+
+def spec_request(cfg, guest_root: str | None = None) -> dict:
+    """The sync spec of a project as plain JSON (engine.spec_from_request turns it back), for
+    the agent to sync for a client: the host home travels along, since the agent may have been
+    started from another environment."""
+    from pathlib import Path
+
+    settings = cfg.dotfiles
+    return {"name": cfg.name, "home": str(Path.home()),
+            "files": [str(p) for p in settings.files], "allow": [str(p) for p in settings.allow],
+            "repository": settings.repository, "install": settings.install,
+            "target": settings.target, "guest_root": guest_root}
+
+
+def outcome(report: "SyncReport") -> dict:
+    """What `mariner sync` shows of a report, as JSON (the agent sends it to the CLI):
+    `report` (--json), `lines` (stdout), `warnings` and `summary` (stderr)."""
+    return {"report": report.to_json(), "lines": report.lines(), "warnings": report.warnings,
+            "summary": report.summary()}
 
 
 def config_fingerprint(cfg) -> str:

@@ -58,16 +58,29 @@ class SyncSpec:
 
 def spec_for(cfg, guest_root: str | None = None, home: Path | None = None) -> SyncSpec:
     """The sync spec of a project's config (home: the host home the paths are under)."""
-    home = home or Path.home()
-    settings = cfg.dotfiles
+    return _spec(cfg.name, cfg.dotfiles, guest_root, home or Path.home())
+
+
+def _spec(name: str, settings, guest_root: str | None, home: Path) -> SyncSpec:
     roots, problems = roots_for(settings.files, home)
     repo = None
     if settings.repository:
         repo = RepositorySettings(url=settings.repository, install=settings.install,
                                   target=settings.target)
-    return SyncSpec(name=cfg.name, home=home, roots=tuple(roots),
+    return SyncSpec(name=name, home=home, roots=tuple(roots),
                     allow=AllowList.from_paths(settings.allow, home),
                     problems=tuple(problems), repository=repo, guest_root=guest_root)
+
+
+def spec_from_request(data: dict) -> SyncSpec:
+    """The spec that `sync.spec_request()` describes (the agent syncs for its clients)."""
+    from ..model import DotfilesSettings
+
+    settings = DotfilesSettings(files=tuple(Path(p) for p in data["files"]),
+                                allow=tuple(Path(p) for p in data["allow"]),
+                                repository=data.get("repository"), install=data.get("install"),
+                                target=data["target"])
+    return _spec(data["name"], settings, data.get("guest_root"), Path(data["home"]))
 
 
 def config_fingerprint(cfg) -> str:
@@ -242,7 +255,7 @@ async def _sync(conn, sftp, spec: SyncSpec, scopes: list[str] | None, dry_run: b
     report.skipped.extend((path, why) for path, why in spec.problems)
     scopes = normalize_scopes(scopes) if scopes is not None else None
     loop = asyncio.get_running_loop()
-    with manifest_mod.locked(spec.name):
+    async with manifest_mod.locked_async(spec.name):
         root = await guest_home(sftp, spec)
         manifest = manifest_mod.load(spec.name)
         if manifest.root is not None and manifest.root != os.fsdecode(root):

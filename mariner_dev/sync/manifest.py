@@ -7,14 +7,16 @@ one edited on either side, and removes in the guest only what mariner put there.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 from .. import paths
-from ..fsutil import file_lock, write_atomic
+from ..fsutil import LockBusy, file_lock, write_atomic
 from .tree import check_rel
 
 VERSION = 1
@@ -91,10 +93,42 @@ def save(name: str, manifest: Manifest) -> None:
     manifest.saved_text = text
 
 
+LOCK_TIMEOUT = 120.0
+
+
 @contextlib.contextmanager
 def locked(name: str) -> Iterator[None]:
     """One sync of a VM at a time (`sync`, `sync --watch`, `up` and the agent may overlap)."""
     paths.ensure_private_dir(paths.vm_dir(name))
     with file_lock(paths.vm_dir(name) / "dotfiles.lock", what=f"the dotfiles of VM {name}",
-                   timeout=120):
+                   timeout=LOCK_TIMEOUT):
         yield
+
+
+@contextlib.asynccontextmanager
+async def locked_async(name: str) -> AsyncIterator[None]:
+    """`locked()` for a coroutine: waiting for the lock never blocks the event loop (the agent
+    keeps serving exec and forwards while `sync --watch` or `up` holds it)."""
+    import errno
+    import fcntl
+    import os
+
+    paths.ensure_private_dir(paths.vm_dir(name))
+    fd = os.open(paths.vm_dir(name) / "dotfiles.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+            if time.monotonic() > deadline:
+                raise LockBusy(f"timed out waiting for the dotfiles of VM {name}")
+            await asyncio.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)

@@ -101,6 +101,15 @@ def project(guest, tmp_path):
 
 
 @pytest.fixture
+def agents():
+    """Stop the per-VM agents this test started (they outlive the mariner processes)."""
+    from support.fixtures import kill_agents
+
+    yield
+    kill_agents(Path(os.environ["XDG_RUNTIME_DIR"]))
+
+
+@pytest.fixture
 def home() -> Path:
     """The (isolated) host home the dotfiles live in."""
     return Path(os.environ["HOME"])
