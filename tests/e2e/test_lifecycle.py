@@ -48,11 +48,15 @@ def test_up_boots_the_vm_and_returns_soon_after_the_guest_answers(vm):
     observed: list[tuple[float, str]] = []  # (when `mariner status` returned, its state)
     done = threading.Event()
 
-    def watch():
+    def watch_ssh():
         while not done.is_set():
             if ssh_banner(port, timeout=5):  # sshd re-execs per connection: slow under TCG
                 first_answer.append(time.monotonic())
                 return
+            time.sleep(0.2)
+
+    def watch_status():
+        while not done.is_set() and not first_answer:
             if vm.vm_dir.exists():
                 try:
                     state = vm.status()["state"]
@@ -61,13 +65,16 @@ def test_up_boots_the_vm_and_returns_soon_after_the_guest_answers(vm):
                 observed.append((time.monotonic(), state))
             time.sleep(0.2)
 
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
+    watchers = [threading.Thread(target=watch_ssh, daemon=True),
+                threading.Thread(target=watch_status, daemon=True)]
+    for watcher in watchers:
+        watcher.start()
     started = time.monotonic()
     result = vm.up()
     returned = time.monotonic()
     done.set()
-    watcher.join(timeout=10)
+    for watcher in watchers:
+        watcher.join(timeout=30)
     assert result["state"] == "running" and result["created"] and result["started"]
     assert result["ssh_port"] == port
     assert first_answer, f"up returned before the guest ever answered SSH: {observed}"
