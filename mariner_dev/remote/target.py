@@ -84,14 +84,29 @@ def target_for(cfg, record) -> GuestTarget:
 
 
 def tcp_reachable(target: GuestTarget, timeout: float = 1.0) -> bool:
-    """True when the guest's SSH port accepts a TCP connection (no SSH handshake)."""
+    """True when the guest's sshd answers with its banner (no SSH handshake).
+
+    A bare connect is not enough: with user-mode networking QEMU itself accepts connections
+    on the forwarded port from the moment it starts, long before the guest's sshd listens."""
     if target.host is None:
         return vsock_reachable(target, timeout)
     try:
-        with socket.create_connection((target.host, target.port), timeout=timeout):
-            return True
+        with socket.create_connection((target.host, target.port), timeout=timeout) as sock:
+            return _reads_ssh_banner(sock)
     except OSError:
         return False
+
+
+def _reads_ssh_banner(sock: socket.socket) -> bool:
+    """The server speaks first in SSH: its first bytes are `SSH-` (RFC 4253 allows other
+    lines before it, which no sshd sends by default)."""
+    data = b""
+    while len(data) < 4:
+        chunk = sock.recv(4 - len(data))
+        if not chunk:
+            return False
+        data += chunk
+    return data == b"SSH-"
 
 
 def vsock_reachable(target: GuestTarget, timeout: float = 1.0) -> bool:
@@ -105,7 +120,7 @@ def vsock_reachable(target: GuestTarget, timeout: float = 1.0) -> bool:
         sock.settimeout(timeout)
         try:
             sock.connect((target.vsock_cid, VSOCK_SSH_PORT))
-            return True
+            return _reads_ssh_banner(sock)
         except OSError:
             return False
 
