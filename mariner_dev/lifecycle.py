@@ -143,21 +143,25 @@ def up(cfg: ProjectConfig, *, timeout: float = 180.0, restart: bool = True,
             progress(f"rebuilding VM {cfg.name} (microvm -u)")
             backend.update(cfg.name)
             result.updated = True
-            pending = host.running and not restart
+            # Recorded before the restart, so that an interrupted `up` (or one with
+            # --no-restart) leaves the restart for the next `up` to do.
             record = _update_record(registry, cfg.name, created=True, built_hash=flake.hash,
                                     built_config=flake.metadata["config"],
-                                    restart_pending=pending, dotfiles_hash=None)
-            if host.running and restart:
-                progress(f"restarting VM {cfg.name}")
-                _stop_agent(cfg.name)
-                backend.restart(cfg.name)
-                result.started = True
-                record = _update_record(registry, cfg.name, restart_pending=False)
+                                    restart_pending=host.running, dotfiles_hash=None)
+            host = backend.status(cfg.name)
+        if record.restart_pending and host.running and restart:
+            progress(f"restarting VM {cfg.name}")
+            _stop_agent(cfg.name)
+            _update_record(registry, cfg.name, post_start_pending=True)
+            backend.restart(cfg.name)
+            result.started = True
+            record = _update_record(registry, cfg.name, restart_pending=False)
             host = backend.status(cfg.name)
         if not host.running and host.unit != "activating":
             progress(f"starting VM {cfg.name}")
             if host.unit == "failed":
                 _stop_agent(cfg.name)
+            _update_record(registry, cfg.name, post_start_pending=True)
             backend.start(cfg.name)
             result.started = True
             record = _update_record(registry, cfg.name, restart_pending=False)
@@ -248,12 +252,16 @@ def _after_boot(cfg: ProjectConfig, registry: Registry, record: VmRecord, target
         record = _update_record(registry, cfg.name, post_create_done=True)
     elif not cfg.hooks.post_create and not record.post_create_done:
         record = _update_record(registry, cfg.name, post_create_done=True)
-    if cfg.hooks.post_start and fresh_boot:
+    # Pending from the start until it succeeds: an `up` interrupted after starting the VM, or
+    # whose post_start failed, leaves it for the next `up`.
+    if cfg.hooks.post_start and (fresh_boot or record.post_start_pending):
         progress("running the post_start hook")
         status = remote.run_hook(target, cfg.hooks.post_start, cwd=cfg.workspace_mount, env=env)
         if status != 0:
             result.hook_failed, result.hook_exit = "post_start", status
             raise HookFailed(result)
+    if record.post_start_pending:
+        _update_record(registry, cfg.name, post_start_pending=False)
 
 
 def _owned_record(cfg: ProjectConfig, registry: Registry) -> VmRecord | None:

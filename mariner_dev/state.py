@@ -28,9 +28,9 @@ class VmRecord:
     created: bool = False           # `microvm -c` succeeded
     built_hash: str | None = None   # hash of the flake the VM was last built from
     built_config: dict | None = None
-    restart_pending: bool = False   # updated with --no-restart while running
+    restart_pending: bool = False   # rebuilt while running, not restarted yet (--no-restart)
     post_create_done: bool = False
-    booted_hash: str | None = None  # hash of the flake the running VM booted from
+    post_start_pending: bool = False  # started, post_start not yet run successfully
     dotfiles_hash: str | None = None
     flake_dir: str | None = None
 

@@ -76,6 +76,18 @@ def test_no_restart_defers_and_status_says_so(project):
     assert status["restart_pending"] is True and status["outdated"] is False
 
 
+def test_up_after_no_restart_applies_the_pending_restart(project):
+    project.up_json()
+    project.write(cpus=3)
+    assert project.up_json("--no-restart")["restart_pending"] is True
+    project.clear_log()
+    result = project.up_json()
+    assert result["started"] and not result["updated"] and result["restart_pending"] is False
+    assert ["systemctl", "restart", f"microvm@{project.name}"] in project.changing_calls()
+    status = project.status_json()
+    assert status["restart_pending"] is False and status["state"] == "running"
+
+
 def test_down_then_up_again(project):
     project.up_json()
     proc = project.mariner("down", check=0)
@@ -150,6 +162,36 @@ def test_failing_hook_exits_1_and_runs_again_next_time(project):
     project.up_json(check=0)
     project.write(extra='[hooks]\npost_create = "exit 9"\n')  # already done: not run again
     project.up_json(check=0)
+
+
+def test_failing_post_start_runs_again_on_the_next_up(project):
+    marker = project.dir / "hooks.log"
+    project.write(extra=f'[hooks]\npost_start = "echo start >> {marker}; exit 4"\n')
+    result = project.up_json(check=1)
+    assert result["hook"] == "post_start" and result["hook_exit"] == 4
+    project.write(extra=f'[hooks]\npost_start = "echo start >> {marker}"\n')
+    project.up_json(check=0)  # the VM is running, but its post_start never succeeded
+    assert marker.read_text().splitlines() == ["start", "start"]
+    project.up_json(check=0)  # now it did: a no-op up runs no hook
+    assert marker.read_text().splitlines() == ["start", "start"]
+
+
+def test_ctrl_c_while_waiting_for_ssh_then_up_runs_post_start(project):
+    marker = project.dir / "hooks.log"
+    project.write(extra=f'[hooks]\npost_start = "echo start >> {marker}"\n')
+    env = dict(os.environ, MARINER_FAKE_BOOT_DELAY="2")
+    proc = subprocess.Popen([sys.executable, "-m", "mariner_dev", "up"], cwd=project.dir,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not any(c[:2] == ["systemctl", "start"] for c in project.host_calls()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in err
+    assert not marker.exists()
+    project.up_json()  # the guest has booted meanwhile or boots now: the hook runs once
+    assert marker.read_text().splitlines() == ["start"]
 
 
 def test_boot_timeout_shows_journal(project):
