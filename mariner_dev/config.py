@@ -77,6 +77,17 @@ def safe_vm_name(raw: str) -> str:
     return name
 
 
+def _not_a_file(path: Path) -> str | None:
+    """Why `path`, which exists in some form, cannot be read as a config file; None if it can."""
+    if path.is_file():
+        return None
+    if path.is_symlink() and not path.exists():
+        return f"{path} is a broken symbolic link (to {os.readlink(path)})"
+    if path.is_dir():
+        return f"{path} is a directory, not a file"
+    return f"{path} is not a regular file"
+
+
 def find_config(start: Path) -> Path:
     """The mariner.toml in `start` or its nearest parent."""
     start = Path(start).absolute()
@@ -84,6 +95,9 @@ def find_config(start: Path) -> Path:
         candidate = directory / CONFIG_NAME
         if candidate.is_file():
             return candidate
+        if candidate.exists() or candidate.is_symlink():
+            raise ConfigError(f"{_not_a_file(candidate)}; mariner reads its configuration from "
+                              f"a {CONFIG_NAME} file")
     raise ConfigError(
         f"no {CONFIG_NAME} in {start} or any parent directory; "
         f"run `mariner init` to create one, or pass -C DIR")
@@ -181,11 +195,17 @@ def _syntax_problem(file: Path, text: str, exc: Exception) -> ConfigProblem:
             # tomlkit's words for a string left open at the end of its line
             message = "the string is not closed before the end of the line"
         return ConfigProblem(str(file), err.line, err.col + 1, "", f"invalid TOML: {message}")
-    except Exception:  # noqa: BLE001 - fall back to tomllib's own position below
-        pass
+    except Exception as err:  # noqa: BLE001 - fall back to tomllib's own position below
+        # tomlkit names a duplicated key (KeyAlreadyPresent) but gives no position.
+        tomlkit_message = str(err).rstrip(".") if err.__class__.__name__ == "KeyAlreadyPresent" else None
+    else:
+        tomlkit_message = None
     match = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
     line, col = (int(match.group(1)), int(match.group(2))) if match else (None, None)
-    message = re.sub(r"\s*\(at line.*\)$", "", str(exc))
+    if match is None and str(exc).endswith("(at end of document)"):
+        lines = text.split("\n")
+        line, col = len(lines), len(lines[-1]) + 1
+    message = tomlkit_message or re.sub(r"\s*\(at (line|end of document).*\)$", "", str(exc))
     return ConfigProblem(str(file), line, col, "", f"invalid TOML: {message}")
 
 
@@ -216,9 +236,16 @@ def load_project(start: Path | None = None, *, project_dir: Path | None = None,
 
     if config_file is None:
         if project_dir is not None:
-            config_file = Path(project_dir).absolute() / CONFIG_NAME
-            if not config_file.is_file():
-                raise ConfigError(f"no {CONFIG_NAME} in {Path(project_dir).absolute()}; "
+            directory = Path(project_dir).absolute()
+            config_file = directory / CONFIG_NAME
+            if not directory.is_dir():
+                raise ConfigError(f"{directory} is not a directory (given with -C/--project)")
+            if config_file.exists() or config_file.is_symlink():
+                if reason := _not_a_file(config_file):
+                    raise ConfigError(f"{reason}; mariner reads its configuration from a "
+                                      f"{CONFIG_NAME} file")
+            else:
+                raise ConfigError(f"no {CONFIG_NAME} in {directory}; "
                                   f"run `mariner init` there to create one")
         else:
             config_file = find_config(start or Path.cwd())
@@ -226,7 +253,8 @@ def load_project(start: Path | None = None, *, project_dir: Path | None = None,
     problems = _Problems()
     project = _read(config_file, problems)
     user_file = paths.user_config_file()
-    user = _read(user_file, problems) if user_file.is_file() else None
+    # A directory or a broken link in its place is reported, not silently ignored.
+    user = _read(user_file, problems) if user_file.exists() or user_file.is_symlink() else None
     schema = load_schema()
     poisoned: set[tuple] = set()
 
@@ -404,8 +432,6 @@ class _Resolver:
                            f'(lower-case letters, digits and "-")', True)
                 name = "invalid"
         memory = self.size(("vm", "memory"), DEFAULT_MEMORY_MIB, MIN_MEMORY_MIB)
-        if self.get("vm", "memory") is not None and memory < MIN_MEMORY_MIB:
-            pass  # reported by size()
         user = self.get("vm", "user", default=m.DEFAULT_USER)
         if user in RESERVED_USERS:
             self.error(("vm", "user"), f"{describe(user)} is a system account in the guest; "
@@ -530,7 +556,10 @@ class _Resolver:
             for index, raw in self.elements("dotfiles", name):
                 key = ("dotfiles", name, index)
                 path = self.path_value(raw, key, base=self.home)
-                if not _inside(path, self.home):
+                if path == self.home:
+                    self.error(key, f"{describe(raw)} is your whole home directory; list the "
+                               f"files and directories under it to copy (e.g. \"~/.gitconfig\")")
+                elif not _inside(path, self.home):
                     self.error(key, f"{path} is not under your home directory {self.home}; "
                                f"dotfiles keep their place under ~ in the guest")
                 out.append(path)

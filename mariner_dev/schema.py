@@ -117,7 +117,7 @@ def validate(value: Any, schema: dict, path: tuple, emit: Emit) -> None:
         for key, item in value.items():
             if names_schema is not None and "pattern" in names_schema and not re.search(
                     names_schema["pattern"], key):
-                emit(path + (key,), f"{json.dumps(key)} is not a valid name "
+                emit(path + (key,), f"{describe(key)} is not a valid name "
                                     f"(letters, digits and _, not starting with a digit)", True)
                 continue
             if key in props:

@@ -103,6 +103,31 @@ def test_missing_file_says_where_it_looked(tmp_path):
     assert info.value.exit_code == 2
 
 
+def test_a_mariner_toml_that_is_not_a_file_is_named(tmp_path):
+    (tmp_path / "a" / "mariner.toml").mkdir(parents=True)
+    (tmp_path / "a" / "sub").mkdir()
+    for call in (lambda: load_project(tmp_path / "a" / "sub"),
+                 lambda: load_project(project_dir=tmp_path / "a")):
+        with pytest.raises(ConfigError) as info:
+            call()
+        assert f"{tmp_path / 'a' / 'mariner.toml'} is a directory" in str(info.value)
+        assert info.value.exit_code == 2
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "mariner.toml").symlink_to(tmp_path / "gone.toml")
+    with pytest.raises(ConfigError, match="broken symbolic link"):
+        load_project(project_dir=tmp_path / "b")
+    with pytest.raises(ConfigError, match="is not a directory"):
+        load_project(project_dir=tmp_path / "missing")
+
+
+def test_a_user_config_that_is_not_a_file_is_reported(tmp_path):
+    user = Path(os.environ["XDG_CONFIG_HOME"]) / "mariner" / "config.toml"
+    user.mkdir(parents=True)
+    with pytest.raises(ConfigError) as info:
+        load_project(project_dir=project(tmp_path, ""))
+    assert str(user) in str(info.value) and "cannot read" in str(info.value)
+
+
 # -- defaults and the model -------------------------------------------------------------------
 
 def test_defaults(tmp_path):
@@ -221,6 +246,10 @@ def test_dotfiles_must_live_under_home(tmp_path):
     (problem,) = info.value.problems
     assert problem.key == "dotfiles.files[0]" and (problem.line, problem.column) == (2, 10)
     assert "not under your home directory" in problem.message
+    with pytest.raises(ConfigError) as info:
+        load_project(project_dir=project(tmp_path, '[dotfiles]\nfiles = ["~"]\n'))
+    (problem,) = info.value.problems
+    assert "whole home directory" in problem.message
 
 
 # -- the per-user config ----------------------------------------------------------------------
