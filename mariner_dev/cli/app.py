@@ -40,11 +40,14 @@ class AppContext:
 
     @property
     def err(self):
-        """A rich console on stderr, for progress and messages meant for people."""
+        """A rich console on stderr, for progress and messages meant for people.
+
+        No markup: messages carry `[dotfiles]`, `[ports]` and paths that rich would take for
+        style tags. Soft wrap: a long path is never broken across lines."""
         if self._stderr is None:
             from rich.console import Console
 
-            self._stderr = Console(stderr=True, highlight=False)
+            self._stderr = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
         return self._stderr
 
     def load(self):

@@ -27,4 +27,8 @@ def list_(json_output: JsonOpt = False) -> None:
         if vm.address:
             where = f"{vm.address}:{vm.ssh_port}" if vm.ssh_port else vm.address
         table.add_row(vm.name, vm.state, where, vm.project or "(not created by mariner)")
-    Console(highlight=False).print(table)
+    # No markup (a project path may hold "[...]"); no truncated paths when piped.
+    import sys
+
+    Console(highlight=False, markup=False,
+            width=None if sys.stdout.isatty() else 10_000).print(table)

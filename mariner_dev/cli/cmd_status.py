@@ -41,7 +41,7 @@ def status(project: ProjectOpt = None, json_output: JsonOpt = False) -> None:
     if result.outdated:
         lines.append(f"changed:  {', '.join(result.changed_keys)} (run `mariner up`)")
     if result.restart_pending:
-        lines.append("restart:  pending (a rebuilt system waits: `mariner down && mariner up`)")
+        lines.append("restart:  pending (a rebuilt system waits: `mariner up` restarts the VM)")
     if result.address:
         where = f"{result.address}:{result.ssh_port}" if result.ssh_port else f"{result.address}:22"
         lines.append(f"address:  {where}")

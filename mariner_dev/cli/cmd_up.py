@@ -47,5 +47,5 @@ def up(
     ctx.err.print(f"VM {result.name} is running at {where} (user {result.user}, "
                   f"project at {result.workspace})")
     if result.restart_pending:
-        ctx.err.print("A rebuilt system is waiting for a restart: `mariner down && mariner up`.")
+        ctx.err.print("A rebuilt system is waiting for a restart: `mariner up` (without --no-restart) restarts the VM.")
     ctx.err.print(f"Get in: `mariner shell`, `mariner exec -- CMD`, or `ssh mariner-{result.name}`")
