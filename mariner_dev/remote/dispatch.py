@@ -85,6 +85,11 @@ def _via_agent(target, mode: str, verbose: bool, serve, *, forwards: list | None
         try:
             return serve()
         except client.AgentUnavailable:
+            if not _guest_answers(target):
+                # An agent started now would hold the [ports] forwards on the host for a VM
+                # that is down, and only give up minutes later.
+                raise client.AgentUnavailable(f"VM {target.name} does not answer SSH; is it "
+                                             f"running? `mariner up` starts it") from None
             client.ensure_agent(target, forwards=forwards, warn=warn or _verbose_warn(verbose))
             return serve()
     except client.AgentUnavailable as exc:
@@ -96,6 +101,15 @@ def _via_agent(target, mode: str, verbose: bool, serve, *, forwards: list | None
         if verbose:
             sys.stderr.write(f"mariner: agent unavailable ({exc.reason}); connecting directly\n")
     return _DIRECT
+
+
+def _guest_answers(target) -> bool:
+    """The guest's sshd sends its banner (a TCP connect, no SSH session)."""
+    from .target import GuestTarget, tcp_reachable
+
+    if not isinstance(target, GuestTarget):  # the fast path's cached stand-in
+        target = GuestTarget.from_json(target.to_json())
+    return tcp_reachable(target, timeout=1.0)
 
 
 def _verbose_warn(verbose: bool):

@@ -129,6 +129,23 @@ def test_require_fails_with_125_when_the_vm_is_down(remote_isolation, tmp_path):
         stop_guest(guest)
 
 
+def test_exec_on_a_vm_that_is_down_leaves_no_agent_behind(remote_isolation, tmp_path):
+    # An agent started then would hold [ports] forward on the host for a VM that is down.
+    guest = start_guest(tmp_path / "g")
+    try:
+        proj = make_project(guest, remote_isolation.env(), extra_toml="[ports]\nforward = [8000]\n")
+        guest.sshd.stop()
+        remote.stop_agent(proj.name)
+        result = _exec(proj, "--", "true", mode="auto")
+        assert result.returncode == 125, result.stderr
+        assert "mariner up" in result.stderr.decode()
+        assert not remote.agent_running(proj.name)
+        assert not client.socket_path(proj.name).exists()
+    finally:
+        remote.stop_agent(proj.name)
+        stop_guest(guest)
+
+
 def test_agent_reconnects_after_the_vm_restarts_and_exits_when_it_is_gone(remote_isolation,
                                                                          tmp_path):
     from mariner_dev.state import Registry
