@@ -368,7 +368,7 @@ def _state_of(host: HostVmStatus, record: VmRecord | None, probe: bool = True) -
     target = GuestTarget(name=record.name, host=address, port=int(port or 22), user="",
                          identity=Path("/"), alias="", known_hosts=Path("/"),
                          vsock_cid=record.cid)
-    return "running" if tcp_reachable(target, timeout=0.5) else "starting"
+    return "running" if tcp_reachable(target, timeout=2.0)  # sshd under TCG can take a second to greet else "starting"
 
 
 def _changed_keys(old: dict | None, new: dict) -> list[str]:
@@ -437,10 +437,12 @@ def _held_forwards(cfg: ProjectConfig, record: VmRecord, agent: bool) -> tuple[l
     held = info.get("forwards") or []
     notes = []
     if info.get("stale"):
-        notes.append(f"{info['stale']}: `mariner up` replaces it")
+        notes.append(f"{info['stale']}: the next `mariner exec` or `mariner sync` replaces it")
     configured = [str(p) for p in cfg.ports]
     if [f.get("forward") for f in held] != configured:
-        notes.append("[ports] forward changed since the agent started: `mariner up` applies it")
+        # `up` replaces the agent only when it (re)starts the VM or finds no agent running.
+        notes.append("[ports] forward changed since the agent started: "
+                     "`mariner down && mariner up` applies it")
     return held, notes
 
 

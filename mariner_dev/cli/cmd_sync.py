@@ -49,9 +49,9 @@ def sync(
         return
     for line in result["lines"]:
         _say(line)
-    for line in result["warnings"]:
-        ctx.err.print(line, markup=False)
-    ctx.err.print(result["summary"], markup=False)
+    # Plain writes: rich's console costs more to import than the agent takes for a no-op sync.
+    sys.stderr.write("".join(line + "\n" for line in result["warnings"] + [result["summary"]]))
+    sys.stderr.flush()
 
 
 def _sync_now(ctx, cfg, record, dry_run: bool) -> dict:
@@ -68,4 +68,4 @@ def _sync_now(ctx, cfg, record, dry_run: bool) -> dict:
     return dispatch.sync(target_for(cfg, record), request, direct,
                          forwards=[(p.host, p.guest) for p in cfg.ports],
                          verbose=bool(ctx.verbose),
-                         warn=lambda line: ctx.err.print(f"mariner: {line}", markup=False))
+                         warn=lambda line: sys.stderr.write(f"mariner: {line}\n"))

@@ -12,7 +12,6 @@ Entry points:
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
@@ -99,6 +98,8 @@ def sync_once(cfg, record, *, dry_run: bool = False, install: bool = False,
     """Connect to the VM and sync its dotfiles now (`mariner sync`)."""
     from ..remote.target import target_for
     from .engine import spec_for as _spec_for
+
+    import asyncio
 
     target = target_for(cfg, record)
     spec = _spec_for(cfg, guest_root)
