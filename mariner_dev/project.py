@@ -194,5 +194,11 @@ def render_project(cfg, out: Path | None = None) -> RenderResult:
 
     record = reserve(cfg)
     flake = render_for(cfg, record)
-    directory = write_flake(flake, Path(out) if out else paths.default_flake_dir(cfg.name))
+    if out is not None:
+        return RenderResult(directory=write_flake(flake, Path(out)), flake=flake, record=record)
+    from .lifecycle import VmLock
+
+    # The default directory is the one the VM is built from: not while up/down/destroy work.
+    with VmLock(cfg.name, wait=True):
+        directory = write_flake(flake, paths.default_flake_dir(cfg.name))
     return RenderResult(directory=directory, flake=flake, record=record)
