@@ -140,3 +140,42 @@ def test_a_failed_sync_in_the_agent_is_one_line(home, guest, project, agents, tm
         assert served(tmp_path / "p") == ["agent", "direct"]
     finally:
         shutil.rmtree(blocker, ignore_errors=True)
+
+
+def test_a_sync_waiting_for_the_lock_does_not_stall_the_agent(home, guest, project, tree,
+                                                              agents, tmp_path):
+    """While another sync (`sync --watch`, `up`) holds the VM's dotfiles lock, a sync through
+    the agent waits for it without blocking the agent: exec is served meanwhile."""
+    import subprocess
+    import time
+
+    from mariner_dev import paths
+    from mariner_dev.fsutil import file_lock
+    from support.fakehost import wait_for
+    from support.fixtures import REPO, mariner_cmd
+
+    p = project(f'files = ["~/{tree}"]\n', name="synclock")
+    cfg, _ = p.register()
+    assert sync(p, "--dry-run", mode="require", path_file=tmp_path / "p").returncode == 0
+    accepted = tmp_path / "accepted"
+    env = dict(os.environ, MARINER_AGENT="require", PYTHONPATH=str(REPO),
+               MARINER_DEBUG_PATH_FILE=str(accepted))
+    with file_lock(paths.vm_dir(cfg.name) / "dotfiles.lock"):
+        waiting = subprocess.Popen([*mariner_cmd(), "sync"], cwd=p.dir, env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            # The agent took the request (it answers before it goes for the lock).
+            wait_for(lambda: served(accepted) == ["agent"], timeout=20,
+                     what="the agent to accept the sync")
+            started = time.monotonic()
+            result = run_mariner("exec", "-w", "/", "--", "echo", "served", cwd=p.dir,
+                                 env={"MARINER_AGENT": "require"})
+            assert result.stdout == b"served\n", result.stderr
+            assert time.monotonic() - started < 5
+            assert waiting.poll() is None            # still waiting for the lock
+        except BaseException:
+            waiting.kill()
+            raise
+    out, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0, err
+    assert f"~/{tree}/a.conf" in out.decode()
