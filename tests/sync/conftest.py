@@ -100,9 +100,10 @@ def project(guest, tmp_path):
     return make
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def agents():
-    """Stop the per-VM agents this test started (they outlive the mariner processes)."""
+    """Stop the per-VM agents each test started: `mariner sync` starts one on first use, and
+    it outlives the mariner process (and would keep trying a guest that is gone)."""
     from support.fixtures import kill_agents
 
     yield
