@@ -368,7 +368,8 @@ def _state_of(host: HostVmStatus, record: VmRecord | None, probe: bool = True) -
     target = GuestTarget(name=record.name, host=address, port=int(port or 22), user="",
                          identity=Path("/"), alias="", known_hosts=Path("/"),
                          vsock_cid=record.cid)
-    return "running" if tcp_reachable(target, timeout=2.0)  # sshd under TCG can take a second to greet else "starting"
+    # sshd in a slow (emulated) guest can take a second to send its banner
+    return "running" if tcp_reachable(target, timeout=2.0) else "starting"
 
 
 def _changed_keys(old: dict | None, new: dict) -> list[str]:
