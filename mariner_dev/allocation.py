@@ -68,19 +68,22 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def check_ownership(cfg: ProjectConfig, record: VmRecord | None) -> None:
-    """Refuse a VM name that belongs to another project or that mariner did not create."""
+def check_ownership(cfg: ProjectConfig, record: VmRecord | None, *, verb: str = "update",
+                    foreign_ok: bool = False) -> None:
+    """Refuse a VM name that belongs to another project or (unless `foreign_ok`, for
+    read-only commands) a VM that mariner did not create: mariner never touches them."""
     if record is not None:
         if Path(record.project) != cfg.project_dir:
             raise OwnershipError(
                 f"VM {cfg.name!r} belongs to the project {record.project}; set a different "
-                f"[vm] name in {cfg.config_file} (mariner never touches another project's VM)",
+                f"[vm] name in {cfg.config_file} (mariner does not {verb} another project's VM)",
                 exit_code=2)
         return
-    if (paths.microvms_dir() / cfg.name).exists():
+    if not foreign_ok and (paths.microvms_dir() / cfg.name).exists():
         raise OwnershipError(
-            f"a VM named {cfg.name!r} already exists in {paths.microvms_dir()} and mariner did "
-            f"not create it; set a different [vm] name in {cfg.config_file}", exit_code=2)
+            f"a VM named {cfg.name!r} exists in {paths.microvms_dir()} and mariner did not "
+            f"create it, so it does not {verb} it; set a different [vm] name in "
+            f"{cfg.config_file}", exit_code=2)
 
 
 def reserve(cfg: ProjectConfig, registry: Registry | None = None) -> VmRecord:

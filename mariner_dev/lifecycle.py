@@ -95,12 +95,6 @@ class HookFailed(MarinerError):
         self.result = result
 
 
-def _address(cfg: ProjectConfig, record: VmRecord) -> tuple[str, int]:
-    if record.network_mode == "user":
-        return "127.0.0.1", record.ssh_port or 0
-    return f"10.0.0.{record.cid}", 22
-
-
 def _update_record(registry: Registry, name: str, **changes) -> VmRecord:
     with registry.transaction() as vms:
         record = vms[name]
@@ -127,7 +121,7 @@ def up(cfg: ProjectConfig, *, timeout: float = 180.0, restart: bool = True,
         flake_dir = write_flake(flake, paths.default_flake_dir(cfg.name))
         record = _update_record(registry, cfg.name, flake_dir=str(flake_dir))
         host = backend.status(cfg.name)
-        address, port = _address(cfg, record)
+        address, port = record.ssh_endpoint
         result = UpResult(name=cfg.name, state="starting", address=address,
                           ssh_port=record.ssh_port, user=cfg.vm.user,
                           workspace=cfg.workspace_mount)
@@ -172,11 +166,11 @@ def up(cfg: ProjectConfig, *, timeout: float = 180.0, restart: bool = True,
             _wait_for_guest(cfg, backend, target, timeout, progress)
         result.state = "running"
         _write_ssh_config(cfg, record, result)
-        if fresh_boot or not remote.agent_running(cfg.name):
-            try:
-                remote.start_agent(cfg, record)
-            except MarinerError as exc:  # exec falls back to a direct connection
-                result.messages.append(f"background agent not started: {exc}")
+        # Cheap when the agent runs (one ping); replaces one that holds another forward list.
+        try:
+            remote.start_agent(cfg, record)
+        except MarinerError as exc:  # exec falls back to a direct connection
+            result.messages.append(f"background agent not started: {exc}")
         _after_boot(cfg, registry, record, target, result, fresh_boot, progress)
         return result
 
@@ -264,21 +258,14 @@ def _after_boot(cfg: ProjectConfig, registry: Registry, record: VmRecord, target
         _update_record(registry, cfg.name, post_start_pending=False)
 
 
-def _owned_record(cfg: ProjectConfig, registry: Registry) -> VmRecord | None:
+def _owned_record(cfg: ProjectConfig, registry: Registry, verb: str = "report on",
+                  foreign_ok: bool = True) -> VmRecord | None:
+    """The VM's record when mariner created it for this project; None when there is none.
+    Another project's VM is refused; so is one mariner did not create unless `foreign_ok`."""
+    from .allocation import check_ownership
+
     record = registry.get(cfg.name)
-    if record is not None and Path(record.project) != cfg.project_dir:
-        raise OwnershipError(f"VM {cfg.name!r} belongs to the project {record.project}, not "
-                             f"{cfg.project_dir}; set a different [vm] name", exit_code=2)
-    return record
-
-
-def _managed_record(cfg: ProjectConfig, registry: Registry, verb: str) -> VmRecord | None:
-    """The VM's record when mariner created it for this project; None when there is no VM.
-    A VM that mariner did not create is refused: mariner never touches it."""
-    record = _owned_record(cfg, registry)
-    if record is None and (paths.microvms_dir() / cfg.name).exists():
-        raise OwnershipError(f"VM {cfg.name!r} was not created by mariner; mariner does not "
-                             f"{verb} it")
+    check_ownership(cfg, record, verb=verb, foreign_ok=foreign_ok)
     return record
 
 
@@ -288,7 +275,7 @@ def down(cfg: ProjectConfig, *, backend: HostBackend | None = None,
     backend = backend or default_backend()
     registry = Registry()
     with VmLock(cfg.name, wait=wait_lock, progress=progress):
-        if _managed_record(cfg, registry, "stop") is None:
+        if _owned_record(cfg, registry, "stop", foreign_ok=False) is None:
             return False
         _stop_agent(cfg.name)
         stop_attached(cfg.name)
@@ -308,7 +295,7 @@ def destroy(cfg: ProjectConfig, *, backend: HostBackend | None = None,
     backend = backend or default_backend()
     registry = Registry()
     with VmLock(cfg.name, wait=False, progress=progress):
-        if _managed_record(cfg, registry, "destroy") is None:
+        if _owned_record(cfg, registry, "destroy", foreign_ok=False) is None:
             return False
         _stop_agent(cfg.name)
         stop_attached(cfg.name)
@@ -363,9 +350,8 @@ def _state_of(host: HostVmStatus, record: VmRecord | None, probe: bool = True) -
         return "starting"
     if record is None or not probe:
         return "running"
-    address = "127.0.0.1" if record.network_mode == "user" else f"10.0.0.{record.cid}"
-    port = record.ssh_port if record.network_mode == "user" else 22
-    target = GuestTarget(name=record.name, host=address, port=int(port or 22), user="",
+    address, port = record.ssh_endpoint
+    target = GuestTarget(name=record.name, host=address, port=port, user="",
                          identity=Path("/"), alias="", known_hosts=Path("/"),
                          vsock_cid=record.cid)
     # sshd in a slow (emulated) guest can take a second to send its banner
@@ -404,7 +390,7 @@ def status(cfg: ProjectConfig, *, backend: HostBackend | None = None) -> VmStatu
     state = _state_of(host, record)
     result = VmStatus(name=cfg.name, state=state, project=record.project, managed=True,
                       cid=record.cid, ssh_port=record.ssh_port,
-                      address=_address(cfg, record)[0],
+                      address=record.ssh_endpoint[0],
                       uptime=host.uptime if host.running else None)
     if host.exists and record.built_hash:
         flake = render_for(cfg, record)
@@ -441,14 +427,14 @@ def _held_forwards(cfg: ProjectConfig, record: VmRecord, agent: bool) -> tuple[l
         notes.append(f"{info['stale']}: the next `mariner exec` or `mariner sync` replaces it")
     configured = [str(p) for p in cfg.ports]
     if [f.get("forward") for f in held] != configured:
-        # `up` replaces the agent only when it (re)starts the VM or finds no agent running.
-        notes.append("[ports] forward changed since the agent started: "
-                     "`mariner down && mariner up` applies it")
+        notes.append("[ports] forward changed since the agent started: `mariner up` applies it")
     return held, notes
 
 
 def list_vms(*, backend: HostBackend | None = None) -> list[VmStatus]:
     """Every VM mariner knows on this host, plus the host's VMs it did not create."""
+    from . import remote
+
     backend = backend or default_backend()
     records = Registry().load()
     host_names = backend.list_vms()
@@ -464,9 +450,9 @@ def list_vms(*, backend: HostBackend | None = None) -> list[VmStatus]:
             continue
         out.append(VmStatus(name=name, state=_state_of(host, record), project=record.project,
                             managed=True, cid=record.cid, ssh_port=record.ssh_port,
-                            address=("127.0.0.1" if record.network_mode == "user"
-                                     else f"10.0.0.{record.cid}"),
+                            address=record.ssh_endpoint[0],
                             uptime=host.uptime if host.running else None,
+                            agent=host.running and remote.agent_running(name),
                             restart_pending=record.restart_pending))
     return out
 

@@ -34,6 +34,14 @@ class VmRecord:
     dotfiles_hash: str | None = None
     flake_dir: str | None = None
 
+    @property
+    def ssh_endpoint(self) -> tuple[str, int]:
+        """Where the guest's sshd listens: 127.0.0.1:<ssh_port> in user mode, else the
+        bridge address nix-mariner derives from the cid, 10.0.0.<cid>:22."""
+        if self.network_mode == "user":
+            return "127.0.0.1", int(self.ssh_port or 0)
+        return f"10.0.0.{self.cid}", 22
+
     @classmethod
     def from_json(cls, data: dict) -> "VmRecord":
         known = {f.name for f in fields(cls)}

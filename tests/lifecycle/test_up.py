@@ -334,3 +334,21 @@ def test_up_syncs_dotfiles_on_first_boot_and_when_they_change(project):
     finally:
         for leftover in (name, secret):
             (guest_home / leftover).unlink(missing_ok=True)
+
+
+def test_a_noop_up_applies_a_changed_forward_list(project):
+    from support.guest_sshd import free_port
+
+    first, second = free_port(), free_port()
+    project.write(extra=f"[ports]\nforward = [{first}]\n")
+    project.up_json()
+    assert [(f["forward"], f["state"]) for f in project.status_json()["forwards"]] == \
+        [(str(first), "listening")]
+    project.write(extra=f"[ports]\nforward = [{second}]\n")
+    project.clear_log()
+    result = project.up_json()
+    assert not (result["created"] or result["updated"] or result["started"])
+    assert project.changing_calls() == []  # no rebuild, no restart: only the agent changes
+    status = project.status_json()
+    assert [(f["forward"], f["state"]) for f in status["forwards"]] == [(str(second), "listening")]
+    assert not status.get("notes")
