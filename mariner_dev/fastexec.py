@@ -363,6 +363,25 @@ def run(opts: ExecOptions, *, fds=(0, 1, 2)) -> int:
                    verbose=bool(opts.verbose))
 
 
+def run_shell(opts: ExecOptions, command: str | None = None) -> int:
+    """An interactive login shell in the project's VM (or `command` in one), with a PTY."""
+    from .remote.command import ExecRequest, build_command
+    from .remote.dispatch import execute
+    from .remote.terminal import window_size
+
+    data = resolve_project(opts.project)
+    target = CachedTarget(data["target"], data["fingerprint"])
+    user = opts.user if opts.user and opts.user != target.user else None
+    remote = build_command(None, workdir=guest_workdir(data["project_dirs"], data["mount"],
+                                                       opts.workdir),
+                           env=collect_env(data["env"], opts), user=user,
+                           shell_command=command, interactive=command is None)
+    cols, rows = window_size(1)
+    request = ExecRequest(remote, tty=True, stdin=True,
+                          term=os.environ.get("TERM") or "xterm-256color", cols=cols, rows=rows)
+    return execute(target, request, trust_new=opts.trust_new, verbose=bool(opts.verbose))
+
+
 def print_error(exc: "MarinerError") -> None:
     """The edge's one-line format, without importing the typer app."""
     lines = str(exc).splitlines() or [""]

@@ -77,14 +77,10 @@ def context(project: Path | None = None, json_output: bool = False) -> AppContex
 
 
 def print_error(exc: MarinerError) -> None:
-    message = str(exc)
-    lines = message.splitlines() or [""]
-    if len(lines) == 1:
-        sys.stderr.write(f"mariner: error: {lines[0]}\n")
-    else:
-        sys.stderr.write("mariner: error:\n" + "".join(f"  {line}\n" for line in lines))
-    if exc.hint:
-        sys.stderr.write(f"  hint: {exc.hint}\n")
+    """One line on stderr (the fast exec path prints errors the same way)."""
+    from ..fastexec import print_error as print_one
+
+    print_one(exc)
 
 
 def _version(value: bool) -> None:

@@ -31,24 +31,10 @@ def shell(
     project: ProjectOpt = None,
 ) -> None:
     """Open a login shell in the VM, in the guest path of this directory."""
-    import os
-
-    from ..fastexec import CachedTarget, ExecOptions, collect_env, guest_workdir, resolve_project
-    from ..remote.command import ExecRequest, build_command
-    from ..remote.dispatch import execute
-    from ..remote.terminal import window_size
+    from ..fastexec import ExecOptions, run_shell
 
     where = project or STATE.project
-    opts = ExecOptions(env=env or [], env_files=[str(f) for f in env_file or []])
-    data = resolve_project(str(where) if where else None)
-    target = CachedTarget(data["target"], data["fingerprint"])
-    text = " ".join(command) if command else None
-    remote = build_command(None, workdir=guest_workdir(data["project_dirs"], data["mount"], workdir),
-                           env=collect_env(data["env"], opts),
-                           user=user if user and user != target.user else None,
-                           shell_command=text, interactive=text is None)
-    cols, rows = window_size(1)
-    request = ExecRequest(remote, tty=True, stdin=True,
-                          term=os.environ.get("TERM") or "xterm-256color", cols=cols, rows=rows)
-    raise typer.Exit(execute(target, request, trust_new=trust_new_host_key,
-                             verbose=bool(verbose or STATE.verbose)))
+    opts = ExecOptions(env=env or [], env_files=[str(f) for f in env_file or []],
+                       workdir=workdir, user=user, project=str(where) if where else None,
+                       verbose=verbose or STATE.verbose, trust_new=trust_new_host_key)
+    raise typer.Exit(run_shell(opts, " ".join(command) if command else None))
