@@ -7,7 +7,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, List, Optional
 
 import typer
 
@@ -27,6 +27,18 @@ ProjectOpt = Annotated[Optional[Path], typer.Option(
     "-C", "--project", help="Project directory (default: the one whose mariner.toml is in "
     "the current directory or a parent).", file_okay=False, show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+# Options that `exec` and `shell` share.
+EnvOpt = Annotated[Optional[List[str]], typer.Option("-e", "--env", help="K=V (repeatable).",
+                                                     show_default=False)]
+EnvFileOpt = Annotated[Optional[List[Path]], typer.Option("--env-file", help="File of K=V lines.",
+                                                          show_default=False)]
+WorkdirOpt = Annotated[Optional[str], typer.Option("-w", "--workdir",
+                                                   help="Working directory in the guest.")]
+GuestVerboseOpt = Annotated[int, typer.Option("-v", "--verbose", count=True,
+                                              help="Say which path served the call.")]
+TrustNewOpt = Annotated[bool, typer.Option("--trust-new-host-key",
+                                           help="Accept and pin the VM's current host key.")]
 
 
 @dataclass

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
 
-from .app import ProjectOpt, STATE, app
+from .app import (STATE, EnvFileOpt, EnvOpt, GuestVerboseOpt, ProjectOpt, TrustNewOpt,
+                  WorkdirOpt, app)
 
 
 @app.command("exec", context_settings={"allow_interspersed_args": False,
@@ -19,18 +19,13 @@ def exec_(
                                               help="Stream stdin (default when piped).")] = False,
     tty: Annotated[bool, typer.Option("-t", "--tty", help="Allocate a TTY.")] = False,
     no_tty: Annotated[bool, typer.Option("-T", "--no-tty", help="Never allocate a TTY.")] = False,
-    env: Annotated[Optional[List[str]], typer.Option("-e", "--env", help="K=V (repeatable).",
-                                                     show_default=False)] = None,
-    env_file: Annotated[Optional[List[Path]], typer.Option("--env-file", help="File of K=V lines.",
-                                                           show_default=False)] = None,
-    workdir: Annotated[Optional[str], typer.Option("-w", "--workdir",
-                                                   help="Working directory in the guest.")] = None,
+    env: EnvOpt = None,
+    env_file: EnvFileOpt = None,
+    workdir: WorkdirOpt = None,
     user: Annotated[Optional[str], typer.Option("-u", "--user",
                                                 help="Run as USER (sudo in the guest).")] = None,
-    verbose: Annotated[int, typer.Option("-v", "--verbose", count=True,
-                                         help="Say which path served the call.")] = 0,
-    trust_new_host_key: Annotated[bool, typer.Option(
-        "--trust-new-host-key", help="Accept and pin the VM's current host key.")] = False,
+    verbose: GuestVerboseOpt = 0,
+    trust_new_host_key: TrustNewOpt = False,
     project: ProjectOpt = None,
 ) -> None:
     """Run a command in the VM like `docker exec`, in the guest path of this directory."""

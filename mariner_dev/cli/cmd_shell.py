@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
 
-from .app import ProjectOpt, STATE, app
+from .app import (STATE, EnvFileOpt, EnvOpt, GuestVerboseOpt, ProjectOpt, TrustNewOpt,
+                  WorkdirOpt, app)
 
 
 @app.command("shell", context_settings={"allow_interspersed_args": False,
@@ -18,16 +18,11 @@ def shell(
         show_default=False)] = None,
     user: Annotated[Optional[str], typer.Option("-u", "--user",
                                                 help="Log in as USER (sudo in the guest).")] = None,
-    env: Annotated[Optional[List[str]], typer.Option("-e", "--env", help="K=V (repeatable).",
-                                                     show_default=False)] = None,
-    env_file: Annotated[Optional[List[Path]], typer.Option("--env-file", help="File of K=V lines.",
-                                                           show_default=False)] = None,
-    workdir: Annotated[Optional[str], typer.Option("-w", "--workdir",
-                                                   help="Working directory in the guest.")] = None,
-    verbose: Annotated[int, typer.Option("-v", "--verbose", count=True,
-                                         help="Say which path served the call.")] = 0,
-    trust_new_host_key: Annotated[bool, typer.Option(
-        "--trust-new-host-key", help="Accept and pin the VM's current host key.")] = False,
+    env: EnvOpt = None,
+    env_file: EnvFileOpt = None,
+    workdir: WorkdirOpt = None,
+    verbose: GuestVerboseOpt = 0,
+    trust_new_host_key: TrustNewOpt = False,
     project: ProjectOpt = None,
 ) -> None:
     """Open a login shell in the VM, in the guest path of this directory."""
