@@ -4,12 +4,13 @@
                  [--trust-new-host-key] -- CMD [ARGS...]
 
 The CLI edge dispatches here before importing typer; when the agent serves the call nothing
-heavier than the standard library's tomllib is imported (no asyncssh, typer, rich, tomlkit).
+heavier than the standard library's tomllib is imported (no asyncssh, typer, rich, tomlkit),
+and on a warm cache not even json, re, pathlib or typing.
 """
 
 from __future__ import annotations
 
-import json
+import marshal  # builtin and already loaded at start-up, unlike json (which pulls in re, enum)
 import os
 import sys
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from .errors import MarinerError
 
 CONFIG_NAME = "mariner.toml"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 USAGE = """\
 usage: mariner exec [-i] [-t|-T] [-e K=V]... [--env-file FILE] [-w DIR] [-u USER]
@@ -239,18 +240,18 @@ def _stamp(path: str | None):
 
 
 def _cache_file(config_file: str) -> str:
-    from .paths import runtime_dir
+    from .paths import runtime_dir_str
 
     key = config_file.replace("%", "%25").replace("/", "%2F")
     if len(key) > 200:
         import hashlib
 
         key = hashlib.sha256(config_file.encode()).hexdigest()
-    return os.path.join(str(runtime_dir()), "exec-cache", key + ".json")
+    return os.path.join(runtime_dir_str(), "exec-cache", key + ".marshal")
 
 
 class CachedTarget:
-    """Stands in for a GuestTarget on the fast path (name, fingerprint, its JSON)."""
+    """Stands in for a GuestTarget on the fast path (name, fingerprint, its JSON data)."""
 
     __slots__ = ("name", "user", "_fingerprint", "_data")
 
@@ -271,21 +272,22 @@ def resolve_project(project: str | None) -> dict:
     """What exec needs from mariner.toml and the registry, cached in the runtime directory.
 
     The cache entry is valid while mariner.toml, the per-user config and the registry are
-    unchanged (mtime, size, inode); otherwise the full loader runs and refreshes it.
+    unchanged (mtime, size, inode); otherwise the full loader runs and refreshes it. The cache
+    is `marshal` data (the runtime directory is the user's own, 0700).
     """
-    from .paths import user_config_file
+    from .paths import user_config_file_str
 
     config_file = _find_config(project)
     cache = _cache_file(config_file) if config_file else None
     if cache:
         try:
-            with open(cache) as fh:
-                data = json.load(fh)
-            stamps = [_stamp(config_file), _stamp(str(user_config_file())),
+            with open(cache, "rb") as fh:
+                data = marshal.load(fh)
+            stamps = [_stamp(config_file), _stamp(user_config_file_str()),
                       _stamp(data.get("registry"))]
             if data.get("version") == CACHE_VERSION and data.get("stamps") == stamps:
                 return data
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError):
             pass
     data = _resolve_slow(project)
     if cache and data["config_file"] == config_file:
@@ -334,11 +336,11 @@ def _write_cache(path: str, data: dict) -> None:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh)
+        with os.fdopen(fd, "wb") as fh:
+            marshal.dump(data, fh)
         os.replace(tmp, path)
-    except OSError:
-        pass  # a cache that cannot be written only costs speed
+    except (OSError, ValueError):
+        pass  # a cache that cannot be written (or data marshal refuses) only costs speed
 
 
 def run(opts: ExecOptions, *, fds=(0, 1, 2)) -> int:

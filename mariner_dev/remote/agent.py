@@ -238,9 +238,10 @@ class Agent:
                     body = buf[proto.HEADER_SIZE:proto.HEADER_SIZE + length]
                     return json.loads(body), fds
 
-    async def _send(self, csock: socket.socket, kind: bytes, body: dict) -> None:
+    async def _send(self, csock: socket.socket, kind: bytes, body: dict,
+                    client_proto: int = proto.PROTO) -> None:
         await asyncio.get_running_loop().sock_sendall(
-            csock, proto.frame(kind, json.dumps(body).encode()))
+            csock, proto.frame(kind, proto.reply_payload(body, client_proto)))
 
     async def _client(self, csock: socket.socket) -> None:
         fds: list[int] = []
@@ -257,7 +258,9 @@ class Agent:
                 await self._send(csock, proto.READY, self._ready(stale=stale))
                 return
             if stale:
-                await self._send(csock, proto.ERROR, {"kind": "stale", "message": stale})
+                # In the client's own protocol: one of PROTO 1 reads JSON only.
+                await self._send(csock, proto.ERROR, {"kind": "stale", "message": stale},
+                                 client_proto=hello.get("proto"))
                 log(f"a client asked for another agent ({stale}); stepping down")
                 self.stopping.set()
                 return
@@ -328,7 +331,7 @@ class Agent:
                     "kind": "failed", "message": f"the sync failed in the mariner agent "
                     f"({exc.__class__.__name__}: {exc}); see {log_path(self.target.name)}"})
                 return
-            await loop.sock_sendall(csock, proto.frame(proto.RESULT, json.dumps(result).encode()))
+            await self._send(csock, proto.RESULT, result)
         finally:
             self.active -= 1
 

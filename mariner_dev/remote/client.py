@@ -8,20 +8,27 @@ agent never load asyncssh.
 
 from __future__ import annotations
 
-import array
-import json
 import os
-import signal
-import socket
 import sys
 import time
-from pathlib import Path
+
+try:
+    # The C modules beneath `socket` and `signal`: their Python layers turn every constant into
+    # an enum member at import time, which costs the exec fast path ~8 ms of start-up here
+    # (most of what Python itself takes to start); nothing in this module needs the enums.
+    import _signal as signal
+    import _socket
+except ImportError:  # not CPython
+    import signal
+    import socket as _socket
 
 from .. import paths
 from . import proto
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # the fast path imports neither
+if TYPE_CHECKING:  # the fast path imports none of these
+    from pathlib import Path
+
     from .command import ExecRequest
     from .target import GuestTarget
 
@@ -43,8 +50,15 @@ class AgentUnavailable(Exception):
         self.stale = stale
 
 
+def socket_file(name: str) -> str:
+    """The agent socket of VM `name`, as a string (the exec fast path does not import pathlib)."""
+    return proto.socket_file(name, paths.runtime_dir_str())
+
+
 def socket_path(name: str) -> Path:
-    return proto.socket_name(name, paths.runtime_dir())
+    from pathlib import Path
+
+    return Path(socket_file(name))
 
 
 def lock_path(name: str) -> Path:
@@ -73,7 +87,28 @@ def agent_running(name: str) -> bool:
     return agent_pid(name) is not None
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+class _UnixSocket(_socket.socket):
+    """A Unix stream socket that closes at the end of a `with` block (what socket.socket adds
+    to the C type, as far as this module is concerned)."""
+
+    __slots__ = ()
+
+    def __init__(self):
+        super().__init__(_socket.AF_UNIX, _socket.SOCK_STREAM)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+# SIGINT... by number, for the SIGNAL frame (`signal.Signals(n).name` without the enum).
+_SIGNAL_NAMES = {signal.SIGINT: "INT", signal.SIGTERM: "TERM", signal.SIGHUP: "HUP",
+                 signal.SIGQUIT: "QUIT"}
+
+
+def _recv_exact(sock: _UnixSocket, n: int) -> bytes:
     chunks, got = [], 0
     while got < n:
         chunk = sock.recv(n - got)
@@ -84,7 +119,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def read_frame(sock: socket.socket) -> tuple[bytes, bytes]:
+def read_frame(sock: _UnixSocket) -> tuple[bytes, bytes]:
     kind, length = proto.parse_header(_recv_exact(sock, proto.HEADER_SIZE))
     return kind, _recv_exact(sock, length) if length else b""
 
@@ -97,14 +132,14 @@ def _hello(target: "GuestTarget", op: str, request: dict | None = None, *,
         body["forwards"] = proto.forwards_fingerprint(forwards)
     if probe:
         body["probe"] = True
-    return proto.frame(proto.HELLO, json.dumps(body).encode())
+    return proto.frame(proto.HELLO, proto.dumps(body))
 
 
-def _open(name: str) -> socket.socket:
-    path = socket_path(name)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def _open(name: str) -> _UnixSocket:
+    path = socket_file(name)
+    sock = _UnixSocket()
     try:
-        sock.connect(str(path))
+        sock.connect(path)
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         sock.close()
         raise AgentUnavailable(f"no agent listening on {path} ({exc.__class__.__name__})")
@@ -114,17 +149,22 @@ def _open(name: str) -> socket.socket:
     return sock
 
 
-def _handshake(sock: socket.socket, hello: bytes, fds: list[int] | None = None) -> dict:
+def _handshake(sock: _UnixSocket, hello: bytes, fds: list[int] | None = None) -> dict:
     try:
         if fds:
-            sock.sendmsg([hello], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                    array.array("i", fds))])
+            # SCM_RIGHTS data is an array of C ints (4 bytes on every platform mariner runs on).
+            sock.sendmsg([hello], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
+                                    b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))])
         else:
             sock.sendall(hello)
         kind, payload = read_frame(sock)
     except (EOFError, OSError) as exc:
         raise AgentUnavailable(f"the agent hung up during the handshake ({exc!r})")
-    info = json.loads(payload or b"{}")
+    try:
+        info = proto.loads(payload) if payload else {}
+    except ValueError as exc:  # an agent of another protocol: of another build, so stale
+        raise AgentUnavailable(f"the running agent is from another build of mariner ({exc})",
+                               stale=True) from None
     if kind == proto.READY:
         return info
     if kind == proto.ERROR and info.get("kind") == "stale":
@@ -177,7 +217,7 @@ def run_sync(target: "GuestTarget", request: dict, on_ready=None) -> dict:
         except (EOFError, ConnectionResetError):
             raise _unreachable(f"the mariner agent for VM {target.name} went away mid-sync; "
                                f"see {log_path(target.name)}") from None
-    info = json.loads(payload or b"{}")
+    info = proto.loads(payload) if payload else {}
     if kind == proto.RESULT:
         return info
     if kind == proto.ERROR and info.get("kind") != "unreachable":
@@ -219,6 +259,8 @@ def configured_forwards(name: str) -> list[tuple[int, int]] | None:
         record = Registry().get(name)
         if record is None:
             return None
+        from pathlib import Path
+
         cfg = load_project(project_dir=Path(record.project))
     except (MarinerError, OSError, ValueError):
         return None
@@ -252,11 +294,11 @@ def run_exec(target: "GuestTarget", request: "ExecRequest", fds=(0, 1, 2), on_re
                 pass
 
         def forward(signum, _frame):
-            send(proto.frame(proto.SIGNAL, signal.Signals(signum).name[3:].encode()))
+            send(proto.frame(proto.SIGNAL, _SIGNAL_NAMES[signum].encode()))
 
         def resize(_signum, _frame):
             cols, rows = window_size(fds[1])
-            send(proto.frame(proto.RESIZE, json.dumps({"cols": cols, "rows": rows}).encode()))
+            send(proto.frame(proto.RESIZE, proto.dumps({"cols": cols, "rows": rows})))
 
         wanted = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT]
         saved = {s: signal.signal(s, forward) for s in wanted}
@@ -284,12 +326,12 @@ def run_exec(target: "GuestTarget", request: "ExecRequest", fds=(0, 1, 2), on_re
                             f"the mariner agent for VM {target.name} went away mid-command; "
                             f"see {log_path(target.name)}") from None
                     if kind == proto.EXIT:
-                        result = json.loads(payload)
+                        result = proto.loads(payload)
                         if result.get("message"):
                             sys.stderr.write(f"mariner: {result['message']}\n")
                         return int(result["status"])
                     if kind == proto.ERROR:
-                        info = json.loads(payload or b"{}")
+                        info = proto.loads(payload) if payload else {}
                         raise _unreachable(info.get("message") or "agent error")
         finally:
             for s, handler in saved.items():
@@ -325,7 +367,9 @@ def stop_agent(name: str, timeout: float = 5.0) -> None:
 def spawn_agent(target: "GuestTarget", forwards: list | None = None) -> None:
     """Start a detached agent process for `target` holding `forwards` ([(HOST, GUEST)...]);
     it exits by itself if one is running."""
+    import json
     import subprocess
+    from pathlib import Path
 
     paths.ensure_private_dir(paths.runtime_dir())
     package_root = str(Path(__file__).resolve().parents[2])

@@ -9,16 +9,16 @@ signal that killed it) comes back unchanged.
 
 from __future__ import annotations
 
-import re
-
-_SAFE = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Character sets rather than regular expressions: the exec fast path does not import `re`.
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_"
+_NAME_CHARS = _LETTERS + "0123456789"          # [A-Za-z0-9_]
+_SAFE_CHARS = _NAME_CHARS + "@%+=:,./-"         # needs no quoting
 LOGIN_SHELL = "bash"
 
 
 def quote(arg: str) -> str:
     """Quote one word for a POSIX shell (single quotes; an empty string stays an argument)."""
-    if arg and _SAFE.fullmatch(arg):
+    if arg and not arg.lstrip(_SAFE_CHARS):   # every character is a safe one
         return arg
     return "'" + arg.replace("'", "'\"'\"'") + "'"
 
@@ -56,7 +56,8 @@ class ExecRequest:
 
 
 def check_env_name(name: str) -> bool:
-    return bool(ENV_NAME.fullmatch(name))
+    """[A-Za-z_][A-Za-z0-9_]*"""
+    return bool(name) and name[0] in _LETTERS and not name.lstrip(_NAME_CHARS)
 
 
 def script(argv: list[str] | None, *, workdir: str | None, env: dict[str, str],

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-from typing import Iterator
 
 
 def window_size(fd: int = 1) -> tuple[int, int]:
@@ -19,28 +16,47 @@ def window_size(fd: int = 1) -> tuple[int, int]:
     return 80, 24
 
 
-@contextlib.contextmanager
-def raw_mode(fd: int = 0, enabled: bool = True) -> Iterator[None]:
-    """Put the terminal on fd into raw mode for the duration; always restore its settings.
+class raw_mode:
+    """`with raw_mode(fd):` puts the terminal on fd into raw mode for the block, and always
+    restores its settings.
 
     SIGTSTP and friends are not generated in raw mode, and the previous settings come back
-    even when the body raises (KeyboardInterrupt, SystemExit, a lost connection).
+    even when the body raises (KeyboardInterrupt, SystemExit, a lost connection). A class
+    rather than a contextlib generator: the exec fast path does not import contextlib.
     """
-    if not enabled or not os.isatty(fd):
-        yield
-        return
-    import termios
-    import tty
 
-    saved = termios.tcgetattr(fd)
-    try:
-        tty.setraw(fd, termios.TCSANOW)
-        yield
-    finally:
+    def __init__(self, fd: int = 0, enabled: bool = True):
+        self.fd = fd
+        self.enabled = enabled
+        self._saved = None
+
+    def __enter__(self) -> None:
+        if not self.enabled or not os.isatty(self.fd):
+            return
+        import termios
+        import tty
+
+        self._saved = termios.tcgetattr(self.fd)
+        try:
+            tty.setraw(self.fd, termios.TCSANOW)
+        except BaseException:
+            self._restore()
+            raise
+
+    def __exit__(self, *exc_info) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        saved, self._saved = self._saved, None
+        if saved is None:
+            return
+        import signal
+        import termios
+
         # Ignore SIGTTOU while restoring, in case we were moved to the background meanwhile.
         old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
         try:
-            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, saved)
         finally:
             signal.signal(signal.SIGTTOU, old)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mariner_dev import remote
-from mariner_dev.remote import client
+from mariner_dev.remote import client, proto
 from support.fixtures import REPO, make_project, run_mariner, start_guest, stop_guest
 
 
@@ -114,6 +114,26 @@ def test_agent_of_another_build_is_replaced(project, tmp_path):
     assert client.ping(project.target)["pid"] == new
 
 
+def test_a_client_of_protocol_1_gets_a_json_stale_answer(project, tmp_path):
+    """A client of the previous release (JSON answers only) is told "stale" in JSON, and the
+    agent steps down for the client's build, as before."""
+    assert _exec(project, "--", "true").returncode == 0
+    old = client.agent_pid(project.name)
+    hello = {"proto": 1, "build": "an older build", "target": project.target.fingerprint(),
+             "op": "ping", "request": None}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(client.socket_path(project.name)))
+        sock.sendall(proto.frame(proto.HELLO, json.dumps(hello).encode()))
+        kind, length = proto.parse_header(sock.recv(proto.HEADER_SIZE, socket.MSG_WAITALL))
+        answer = json.loads(sock.recv(length, socket.MSG_WAITALL))
+    assert kind == proto.ERROR and answer["kind"] == "stale", answer
+    assert _wait(lambda: client.agent_pid(project.name) != old)
+    result = _exec(project, "--", "echo", "new", path_file=tmp_path / "p")
+    assert result.stdout == b"new\n", result.stderr
+    assert (tmp_path / "p").read_text().split() == ["agent"]
+
+
 def test_require_fails_with_125_when_the_vm_is_down(remote_isolation, tmp_path):
     guest = start_guest(tmp_path / "g")
     try:
@@ -190,6 +210,31 @@ def test_fast_path_imports_no_heavy_modules(project):
     heavy = {m for m in imported if m.split(".")[0] in
              ("asyncssh", "typer", "click", "rich", "tomlkit", "cryptography")}
     assert not heavy
+
+
+# What the exec client used to import and no longer does, with what each cost at start-up here:
+# json (re and enum with it) ~9 ms, typing ~3 ms, pathlib (urllib.parse, ipaddress) ~5 ms, the
+# Python layers of socket and signal (an enum class per constant set) ~8 ms, contextlib ~2 ms.
+FAST_PATH_FORBIDDEN = ("json", "re", "enum", "pathlib", "typing", "socket", "signal",
+                       "selectors", "contextlib", "dataclasses", "hashlib", "asyncssh", "typer",
+                       "click", "rich", "tomlkit", "cryptography")
+
+
+def test_fast_path_imports_only_the_light_modules(project):
+    """The console script's own path (cli.main), with -S so that no site-packages .pth file
+    imports anything first: every module named here would have been imported by mariner."""
+    assert _exec(project, "--", "true").returncode == 0  # agent up, cache warm
+    env = dict(os.environ, MARINER_AGENT="require", PYTHONPATH=str(REPO))
+    result = subprocess.run(
+        [sys.executable, "-S", "-X", "importtime", "-c",
+         "import sys; from mariner_dev.cli import main; sys.exit(main(sys.argv[1:]))",
+         "exec", "--", "sh", "-c", "echo ok; exit 3"],
+        cwd=project.dir, env=env, capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
+    assert (result.returncode, result.stdout) == (3, b"ok\n"), result.stderr
+    imported = {line.split("|")[-1].strip() for line in result.stderr.decode().splitlines()
+                if line.startswith("import time:")}
+    assert "mariner_dev.remote.client" in imported
+    assert not {m for m in imported if m.split(".")[0] in FAST_PATH_FORBIDDEN}
 
 
 def test_cached_resolution_follows_config_edits(project, tmp_path):
