@@ -103,12 +103,6 @@ def find_config(start: Path) -> Path:
         f"run `mariner init` to create one, or pass -C DIR")
 
 
-def default_uid() -> int:
-    """The host user's uid, or 1000 when that is root or a system account."""
-    uid = os.getuid()
-    return uid if uid >= 1000 else 1000
-
-
 @dataclass
 class _Source:
     """One parsed file and its positions, for locating problems."""
@@ -436,6 +430,9 @@ class _Resolver:
         if user in RESERVED_USERS:
             self.error(("vm", "user"), f"{describe(user)} is a system account in the guest; "
                        f"choose another name (default \"{m.DEFAULT_USER}\")")
+        from .developer import developer
+
+        dev = developer(self.project_dir)
         return m.VmSettings(
             name=name,
             cpus=self.get("vm", "cpus", default=DEFAULT_CPUS),
@@ -443,8 +440,8 @@ class _Resolver:
             hypervisor=self.get("vm", "hypervisor", default=m.DEFAULT_HYPERVISOR),
             user=user,
             cid=self.get("vm", "cid"),
-            uid=self.get("vm", "uid", default=default_uid()),
-            gid=self.get("vm", "gid", default=m.DEFAULT_GID),
+            uid=self.get("vm", "uid", default=dev.guest_uid),
+            gid=self.get("vm", "gid", default=dev.guest_gid),
         )
 
     def network(self, vm: m.VmSettings) -> m.NetworkSettings:

@@ -10,6 +10,7 @@ import pytest
 
 from mariner_dev.config import (DEFAULT_MARINER_FLAKE, MARINER_REV, NAME_RE, find_config,
                                 load_project, parse_size_mib, safe_vm_name)
+from mariner_dev.developer import developer
 from mariner_dev.errors import ConfigError
 from mariner_dev.model import PortForward, ProjectConfig
 
@@ -134,8 +135,9 @@ def test_defaults(tmp_path):
     cfg = load_project(project_dir=project(tmp_path, ""))
     assert cfg.vm.cpus == 2 and cfg.vm.memory_mib == 2048
     assert cfg.vm.hypervisor == "qemu" and cfg.vm.user == "vm"
-    assert cfg.vm.cid is None and cfg.vm.gid == 100
-    assert cfg.vm.uid == (os.getuid() if os.getuid() >= 1000 else 1000)
+    assert cfg.vm.cid is None
+    dev = developer(cfg.project_dir)
+    assert (cfg.vm.uid, cfg.vm.gid) == (dev.guest_uid, dev.guest_gid)
     assert cfg.network.mode == "bridge" and cfg.network.ssh_port is None
     assert cfg.network.interface is None
     assert cfg.shares == () and cfg.env == () and cfg.ports == ()

@@ -106,7 +106,6 @@ def test_documented_defaults_are_the_resolved_defaults(tmp_path):
     assert cfg.vm.memory_mib == parse_size_mib(default("vm", "memory"))
     assert cfg.vm.hypervisor == default("vm", "hypervisor")
     assert cfg.vm.user == default("vm", "user")
-    assert cfg.vm.gid == default("vm", "gid")
     assert cfg.network.mode == default("network", "mode")
     assert cfg.storage.persist_mib == parse_size_mib(default("storage", "persist"))
     assert cfg.storage.nix_store_mib == parse_size_mib(default("storage", "nix_store"))

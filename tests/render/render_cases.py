@@ -25,8 +25,8 @@ GOLDEN = REPO / "tests" / "golden"
 NIXSTUB = REPO / "tests" / "support" / "nixstub.nix"
 STUB_KEY = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHN0dWIga2V5IGZvciBtYXJpbmVyIHRlc3Rz "
             "mariner-test@stub")
-# The per-user config every case sees: the uid would otherwise be the host user's.
-USER_CONFIG = "[vm]\nuid = 1000\n"
+# The per-user config every case sees: the ids would otherwise be the developer's.
+USER_CONFIG = "[vm]\nuid = 1000\ngid = 100\n"
 
 
 @dataclass(frozen=True)
