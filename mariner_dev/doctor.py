@@ -86,11 +86,11 @@ def _verdict(name: str, required: bool, passed: bool, detail: str, fix: str | No
 
 
 def _run(name: str, args: list[str], timeout: float = 15.0):
-    """A host command through the one runner; None when the program is not installed."""
-    from .host import runner
+    """A host command through the one host-command wrapper; None when the program is not installed."""
+    from .host import commands
 
     try:
-        return runner.run(name, args, ok_codes=None, timeout=timeout)
+        return commands.run(name, args, ok_codes=None, timeout=timeout)
     except HostError as exc:
         if exc.returncode is None and not exc.stderr_tail and "not found on PATH" in str(exc):
             return None
@@ -259,12 +259,12 @@ def check_networkd(required: bool = True) -> Check:
 
 
 def check_sudo(required: bool = True) -> Check:
-    from .host import runner
+    from .host import commands
 
     if os.geteuid() == 0:
         return _verdict("sudo", required, True, "running as root: no sudo needed", None)
     try:
-        prefix = runner.sudo_prefix()
+        prefix = commands.sudo_prefix()
     except HostError as exc:
         return _verdict("sudo", required, False, str(exc), "fix MARINER_SUDO")
     if not prefix:

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 
 from .. import paths
 from ..errors import HostError
-from . import runner
+from . import commands
 from .backend import HostBackend, HostVmStatus, check_vm_name
 from .nixerror import NixBuildError, explain_build_error, option_config_key
 
@@ -119,7 +119,7 @@ class MicrovmHost(HostBackend):
         self._build(name, ["-u", name], timeout)
 
     def _build(self, name: str, args: list[str], timeout: float | None) -> None:
-        result = runner.run("microvm", args, privileged=True, ok_codes=None, timeout=timeout)
+        result = commands.run("microvm", args, privileged=True, ok_codes=None, timeout=timeout)
         if result.returncode == 0:
             return
         if "already exists" in result.stdout:
@@ -130,7 +130,7 @@ class MicrovmHost(HostBackend):
         message, key = explain_build_error(output)
         raise NixBuildError(f"building VM {name} failed: {message}", nix_message=message,
                             config_key=key, argv=result.argv,
-                            stderr_tail=runner.tail_lines(output),
+                            stderr_tail=commands.tail_lines(output),
                             returncode=result.returncode,
                             hint=f"check `{key}` in mariner.toml" if key else None)
 
@@ -141,13 +141,13 @@ class MicrovmHost(HostBackend):
         if not os.path.lexists(directory / "current"):
             raise HostError(f"VM {name} has not been built ({directory / 'current'} is missing)",
                             hint="`mariner up` creates it")
-        runner.run("systemctl", ["start", unit_name(name)], privileged=True)
+        commands.run("systemctl", ["start", unit_name(name)], privileged=True)
 
     def stop(self, name: str, *, wait: bool = True, timeout: float = 120.0) -> None:
         check_vm_name(name)
         deadline = time.monotonic() + timeout
         args = ["stop", unit_name(name)] if wait else ["stop", "--no-block", unit_name(name)]
-        runner.run("systemctl", args, privileged=True, timeout=timeout)
+        commands.run("systemctl", args, privileged=True, timeout=timeout)
         if wait:  # `systemctl stop` waits for the job; a unit can still be on its way down
             self.wait_for_unit(name, ("inactive", "failed"),
                                timeout=max(1.0, deadline - time.monotonic()))
@@ -156,7 +156,7 @@ class MicrovmHost(HostBackend):
         if self.status(name).unit == "inactive":
             self.start(name)  # start() checks that the VM was built
         else:
-            runner.run("systemctl", ["restart", unit_name(name)], privileged=True)
+            commands.run("systemctl", ["restart", unit_name(name)], privileged=True)
 
     def wait_for_unit(self, name: str, states: Iterable[str], *, timeout: float) -> str:
         """Poll the unit until its state is one of `states`; return it (HostError on timeout)."""
@@ -180,15 +180,15 @@ class MicrovmHost(HostBackend):
             self.stop(name)
             unit = self.status(name).unit
         if unit == "failed":
-            runner.run("systemctl", ["reset-failed", unit_name(name)], privileged=True)
+            commands.run("systemctl", ["reset-failed", unit_name(name)], privileged=True)
         if directory.is_symlink() or directory.is_file():
-            runner.run("rm", ["-f", "--", str(directory)], privileged=True)
+            commands.run("rm", ["-f", "--", str(directory)], privileged=True)
         elif directory.exists():
-            runner.run("rm", ["-rf", "--one-file-system", "--", str(directory)], privileged=True)
+            commands.run("rm", ["-rf", "--one-file-system", "--", str(directory)], privileged=True)
         roots = [gcroots_dir() / name, gcroots_dir() / f"booted-{name}"]
         present = [str(root) for root in roots if os.path.lexists(root)]
         if present:
-            runner.run("rm", ["-f", "--", *present], privileged=True)
+            commands.run("rm", ["-f", "--", *present], privileged=True)
 
     # -- reading --------------------------------------------------------------------------
 
@@ -200,7 +200,7 @@ class MicrovmHost(HostBackend):
         if not names:
             return {}
         units = [unit_name(n) for n in names]
-        result = runner.run("systemctl", ["show", "--property=" + ",".join(_SHOW_PROPERTIES),
+        result = commands.run("systemctl", ["show", "--property=" + ",".join(_SHOW_PROPERTIES),
                                           *units])
         blocks = _parse_show(result.stdout)
         by_id = {block.get("Id", "").removesuffix(".service"): block for block in blocks}
@@ -235,7 +235,7 @@ class MicrovmHost(HostBackend):
             args += ["-n", str(int(lines))]
         if follow:
             args.append("-f")
-        return runner.stream("journalctl", args)
+        return commands.stream("journalctl", args)
 
     def list_vms(self) -> list[str]:
         try:
