@@ -30,7 +30,12 @@ DEFAULT_MARINER_FLAKE = f"github:mksafavi/nix-mariner/{MARINER_REV}"
 USER_KEYS = {"dotfiles": None, "ssh": None, "vm": {"uid", "gid"}}
 
 DEFAULT_CPUS = 2
-DEFAULT_MEMORY_MIB = 2048
+DEFAULT_MEMORY_MIB = 4096   # nix-mariner's own default (modules/vm.nix)
+# microvm.nix's QEMU runner warns "QEMU hangs if memory is exactly 2GB" (lib/runners/qemu.nix,
+# microvm.nix issue 171): mariner never renders it for QEMU.
+QEMU_HANGING_MEMORY_MIB = 2048
+# Defaults a built VM keeps while mariner.toml leaves them unset (drift.settle).
+TRACKED_DEFAULTS = (("vm", "memory"),)
 MIN_MEMORY_MIB = 256
 DEFAULT_PERSIST_MIB = 8192
 DEFAULT_NIX_STORE_MIB = 32768
@@ -400,6 +405,7 @@ class _Resolver:
             hooks=m.HooksSettings(self.get("hooks", "post_create"), self.get("hooks", "post_start")),
             ports=ports,
             ssh=self.ssh(),
+            defaulted=tuple(".".join(key) for key in TRACKED_DEFAULTS if self.get(*key) is None),
         )
 
     def size(self, key: tuple, default: int, minimum: int) -> int:
@@ -426,6 +432,17 @@ class _Resolver:
                            f'(lower-case letters, digits and "-")', True)
                 name = "invalid"
         memory = self.size(("vm", "memory"), DEFAULT_MEMORY_MIB, MIN_MEMORY_MIB)
+        hypervisor = self.get("vm", "hypervisor", default=m.DEFAULT_HYPERVISOR)
+        if hypervisor in m.UNBOOTABLE_HYPERVISORS:
+            self.error(("vm", "hypervisor"), f"{describe(hypervisor)} cannot boot a nix-mariner "
+                       f"VM: {m.UNBOOTABLE_HYPERVISORS[hypervisor]} (microvm.nix "
+                       f"lib/runners/{hypervisor}.nix); use \"qemu\" (or \"crosvm\" in bridge "
+                       f"mode)")
+        if memory == QEMU_HANGING_MEMORY_MIB and hypervisor == "qemu":
+            self.error(("vm", "memory"), f"{describe(self.get('vm', 'memory'))} is exactly "
+                       f"{QEMU_HANGING_MEMORY_MIB} MiB, with which QEMU hangs at boot (microvm.nix "
+                       f"issue 171, lib/runners/qemu.nix); use a nearby size such as 2040 or "
+                       f"\"2.5GiB\"")
         user = self.get("vm", "user", default=m.DEFAULT_USER)
         if user in RESERVED_USERS:
             self.error(("vm", "user"), f"{describe(user)} is a system account in the guest; "
@@ -437,7 +454,7 @@ class _Resolver:
             name=name,
             cpus=self.get("vm", "cpus", default=DEFAULT_CPUS),
             memory_mib=memory,
-            hypervisor=self.get("vm", "hypervisor", default=m.DEFAULT_HYPERVISOR),
+            hypervisor=hypervisor,
             user=user,
             cid=self.get("vm", "cid"),
             uid=self.get("vm", "uid", default=dev.guest_uid),
@@ -448,7 +465,8 @@ class _Resolver:
         mode = self.get("network", "mode", default="bridge")
         ssh_port = self.get("network", "ssh_port")
         iface = self.get("network", "interface")
-        if mode == "user" and vm.hypervisor != "qemu":
+        if (mode == "user" and vm.hypervisor != "qemu"
+                and vm.hypervisor not in m.UNBOOTABLE_HYPERVISORS):
             key = ("vm", "hypervisor") if self.get("vm", "hypervisor") is not None else ("network", "mode")
             self.error(key, f'user-mode networking works only with hypervisor "qemu" '
                        f'(microvm.nix forwards the SSH port through qemu); '

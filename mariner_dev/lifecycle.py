@@ -109,6 +109,7 @@ def up(cfg: ProjectConfig, *, timeout: float = 180.0, restart: bool = True,
     """Bring the project's VM to running with its current config; idempotent."""
     from . import remote
     from .allocation import reserve
+    from .drift import settle
     from .nixrender import write_flake
     from .project import render_for
 
@@ -117,14 +118,16 @@ def up(cfg: ProjectConfig, *, timeout: float = 180.0, restart: bool = True,
     with VmLock(cfg.name, wait=wait_lock, progress=progress):
         progress("checking the configuration")
         record = reserve(cfg, registry)
-        flake = render_for(cfg, record)
+        host = backend.status(cfg.name)
+        # An existing VM keeps what cannot apply to it (disk sizes, an old default).
+        settled = settle(cfg, record.built_config if host.exists else None)
+        flake = render_for(cfg, record, built=host.exists)
         flake_dir = write_flake(flake, paths.default_flake_dir(cfg.name))
         record = _update_record(registry, cfg.name, flake_dir=str(flake_dir))
-        host = backend.status(cfg.name)
         address, port = record.ssh_endpoint
         result = UpResult(name=cfg.name, state="starting", address=address,
                           ssh_port=record.ssh_port, user=cfg.vm.user,
-                          workspace=cfg.workspace_mount)
+                          workspace=cfg.workspace_mount, messages=list(settled.notes))
         if not host.exists:
             progress(f"building VM {cfg.name} (microvm -c)")
             backend.create(cfg.name, flake_dir)
@@ -137,6 +140,7 @@ def up(cfg: ProjectConfig, *, timeout: float = 180.0, restart: bool = True,
             progress(f"rebuilding VM {cfg.name} (microvm -u)")
             backend.update(cfg.name)
             result.updated = True
+            result.messages.extend(settled.warnings)
             # Recorded before the restart, so that an interrupted `up` (or one with
             # --no-restart) leaves the restart for the next `up` to do.
             record = _update_record(registry, cfg.name, created=True, built_hash=flake.hash,
@@ -372,12 +376,14 @@ def _changed_keys(old: dict | None, new: dict) -> list[str]:
         return out
 
     a, b = flat(old), flat(new)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    # which keys were defaulted is bookkeeping, not a setting of the VM
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k != "defaulted")
 
 
 def status(cfg: ProjectConfig, *, backend: HostBackend | None = None) -> VmStatus:
     """The project's VM as the host and mariner see it, without changing anything."""
     from . import remote
+    from .drift import settle
     from .project import render_for
 
     backend = backend or default_backend()
@@ -392,7 +398,9 @@ def status(cfg: ProjectConfig, *, backend: HostBackend | None = None) -> VmStatu
                       cid=record.cid, ssh_port=record.ssh_port,
                       address=record.ssh_endpoint[0],
                       uptime=host.uptime if host.running else None)
+    settled = None
     if host.exists and record.built_hash:
+        settled = settle(cfg, record.built_config)
         flake = render_for(cfg, record)
         result.outdated = flake.hash != record.built_hash
         if result.outdated:
@@ -401,6 +409,8 @@ def status(cfg: ProjectConfig, *, backend: HostBackend | None = None) -> VmStatu
     result.restart_pending = record.restart_pending or (host.running and host.restart_pending)
     result.agent = remote.agent_running(cfg.name) if host.running else False
     result.forwards, result.notes = _held_forwards(cfg, record, result.agent)
+    if settled is not None:
+        result.notes[:0] = settled.notes + (settled.warnings if result.outdated else [])
     return result
 
 

@@ -8,8 +8,23 @@ from pathlib import Path
 DEFAULT_USER = "vm"
 DEFAULT_GID = 100  # NixOS's `users` group
 DEFAULT_HYPERVISOR = "qemu"
+# Every hypervisor microvm.nix knows (the schema's enum)...
 HYPERVISORS = ("qemu", "cloud-hypervisor", "firecracker", "crosvm", "kvmtool", "stratovirt",
                "alioth", "vfkit")
+# ...and the ones whose runner (microvm.nix lib/runners/<name>.nix at the pinned revision)
+# takes nix-mariner's shares: the host's /nix/store over 9p and the workspace over virtiofs.
+# tests/config/test_hypervisors.py holds the source lines this rests on.
+BOOTABLE_HYPERVISORS = ("qemu", "crosvm")
+UNBOOTABLE_HYPERVISORS = {
+    "cloud-hypervisor": "its runner takes only virtiofs shares, and nix-mariner shares the "
+                        "host's /nix/store over 9p",
+    "firecracker": "its runner has no shares at all (neither 9p nor virtiofs)",
+    "kvmtool": "its runner has no virtiofs shares, and the workspace is a virtiofs share",
+    "stratovirt": "its runner has no 9p shares, and nix-mariner shares the host's /nix/store "
+                  "over 9p",
+    "alioth": "its runner has no 9p shares, and nix-mariner shares the host's /nix/store over 9p",
+    "vfkit": "it runs only on macOS, and its runner has no 9p shares",
+}
 NETWORK_MODES = ("bridge", "user")
 BRIDGE_GATEWAY = "10.0.0.1"
 USER_NET_GUEST = "10.0.2.15"
@@ -111,6 +126,8 @@ class ProjectConfig:
     hooks: HooksSettings
     ports: tuple[PortForward, ...]
     ssh: SshSettings
+    # Keys neither file sets, resolved to mariner's default (see drift.LEGACY_DEFAULTS).
+    defaulted: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:

@@ -22,6 +22,10 @@ from .errors import MarinerError
 
 WORKSPACE_TAG = "workspace"
 METADATA_FILE = "mariner.json"
+# Written by Nix (`microvm -c`) into the flake directory: it pins nix-mariner's revision and
+# hash. Not rendered, not part of the drift hash, and kept by every render: dropping it would
+# make the next build lock again (network, and maybe another pin than the VM was built with).
+LOCK_FILE = "flake.lock"
 
 
 @dataclass(frozen=True)
@@ -243,6 +247,7 @@ def _write_flake(rendered: RenderedFlake, directory: Path) -> Path:
             target = staging / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
+        _keep_lock(directory, staging)
         os.chmod(staging, 0o755)
         old = None
         if directory.exists():
@@ -258,8 +263,20 @@ def _write_flake(rendered: RenderedFlake, directory: Path) -> Path:
     return directory
 
 
+def _keep_lock(directory: Path, staging: Path) -> None:
+    """Carry the old directory's flake.lock (a regular file only) into the new one."""
+    lock = directory / LOCK_FILE
+    if not lock.is_file() or lock.is_symlink():
+        return
+    try:
+        os.link(lock, staging / LOCK_FILE)  # Nix wrote it as root under sudo: keep its owner
+    except OSError:  # e.g. fs.protected_hardlinks for a file another user owns
+        shutil.copyfile(lock, staging / LOCK_FILE)
+
+
 def _same_content(directory: Path, files: dict[str, bytes]) -> bool:
-    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()}
+    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*")
+               if p.is_file()} - {LOCK_FILE}
     if present != set(files):
         return False
     return all((directory / rel).read_bytes() == data for rel, data in files.items())

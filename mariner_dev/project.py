@@ -24,7 +24,7 @@ DEFAULT_TEMPLATE = """\
 [vm]
 name = "{name}"             # systemd unit microvm@{name} and the guest's hostname
 # cpus = 2
-# memory = "2GiB"           # integer MiB or a string with a unit
+# memory = "4GiB"           # integer MiB or a string with a unit (not exactly 2GiB: QEMU hangs)
 # hypervisor = "qemu"
 # user = "vm"               # the guest account
 # cid = 7                   # default: allocated, unique on this host (3-254)
@@ -177,11 +177,17 @@ class RenderResult:
     record: "VmRecord"
 
 
-def render_for(cfg, record) -> "RenderedFlake":
-    """The flake this project's VM would be built from now (computed, nothing written)."""
+def render_for(cfg, record, *, built: bool = True) -> "RenderedFlake":
+    """The flake this project's VM would be built from now (computed, nothing written).
+
+    For a VM that exists (`built`), what cannot apply to it is kept as it was built
+    (drift.settle): such changes are not drift."""
+    from .drift import settle
     from .keys import public_key_for
     from .nixrender import render_flake
 
+    if built:
+        cfg = settle(cfg, record.built_config).cfg
     return render_flake(cfg, cid=record.cid, ssh_port=record.ssh_port,
                         public_key=public_key_for(cfg))
 

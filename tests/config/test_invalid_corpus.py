@@ -37,8 +37,10 @@ CLASSES = {
     "ports duplicated": ["port-duplicate", "port-same-as-ssh-port"],
     "name that cannot be made valid": ["name-from-directory", "name-from-directory-no-vm-table",
                                        "name-invalid-characters", "name-too-long"],
-    "user-mode networking without qemu": ["user-mode-firecracker",
-                                          "user-mode-cloud-hypervisor-dotted"],
+    "user-mode networking without qemu": ["user-mode-crosvm", "user-mode-crosvm-dotted"],
+    "hypervisor that cannot boot nix-mariner's shares": [
+        "hypervisor-cannot-boot-cloud-hypervisor", "hypervisor-cannot-boot-firecracker-user-mode"],
+    "exactly 2 GiB with QEMU": ["memory-exactly-2gib-qemu", "memory-2048-qemu"],
     "duplicate share tags": ["share-tag-duplicate", "share-tag-reserved"],
     "interface id over 15 characters": ["interface-too-long", "interface-user-mode-too-long"],
     "unknown key with did-you-mean": ["unknown-key-did-you-mean", "unknown-table-did-you-mean",

@@ -133,7 +133,7 @@ def test_a_user_config_that_is_not_a_file_is_reported(tmp_path):
 
 def test_defaults(tmp_path):
     cfg = load_project(project_dir=project(tmp_path, ""))
-    assert cfg.vm.cpus == 2 and cfg.vm.memory_mib == 2048
+    assert cfg.vm.cpus == 2 and cfg.vm.memory_mib == 4096
     assert cfg.vm.hypervisor == "qemu" and cfg.vm.user == "vm"
     assert cfg.vm.cid is None
     dev = developer(cfg.project_dir)

@@ -5,6 +5,8 @@ MARINER_MICROVMS_DIR/<name>/ (which they refuse to run without, so a test can ne
 /var/lib/microvms):
 
     flake                       the flakeref given to `microvm -c` (as upstream)
+
+A build also writes flake.lock into the flake directory when it has none, as Nix does.
     current -> .fake-store/<hash>-microvm-<name>     the "runner" the last build produced
     booted  -> the runner the unit started from      (created on start, removed on stop)
     .fake-store/<hash>-microvm-<name>/
@@ -346,6 +348,24 @@ def _tree_digest(directory: Path, modules: list[str]) -> str:
     return digest.hexdigest()[:32]
 
 
+def _lock_inputs(directory: Path) -> None:
+    """Like Nix on a `path:` flake without a lock: write flake.lock into the flake directory
+    (the real one pins nix-mariner's revision and narHash; a later build reuses it)."""
+    lock = directory / "flake.lock"
+    if lock.exists():
+        return
+    text = (directory / "flake.nix").read_text()
+    url = re.search(r'inputs\.mariner\.url = "([^"]*)";', text)
+    data = {"nodes": {"mariner": {"locked": {"type": "github", "owner": "mksafavi",
+                                             "repo": "nix-mariner",
+                                             "narHash": "sha256-fakehost",
+                                             "lastModified": int(time.time())},
+                                  "original": {"url": url.group(1) if url else None}},
+                      "root": {"inputs": {"mariner": "mariner"}}},
+            "root": "root", "version": 7}
+    lock.write_text(json.dumps(data, indent=2) + "\n")
+
+
 def build(name: str, flakeref: str, store: Path) -> Path:
     """Check and "build" the VM `name` from `flakeref`; return the runner dir under `store`."""
     fail = os.environ.get("MARINER_FAKE_BUILD_FAIL")
@@ -362,6 +382,7 @@ def build(name: str, flakeref: str, store: Path) -> Path:
         time.sleep(delay)
     if fail:
         raise Refused(fail)
+    _lock_inputs(directory)
     runner = store / f"{_tree_digest(directory, modules)}-microvm-{name}"
     if not runner.is_dir():
         (runner / "bin").mkdir(parents=True)

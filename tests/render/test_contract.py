@@ -227,7 +227,7 @@ def test_the_spread_covers_what_mariner_can_set(evaluated):  # noqa: F811
             "mariner.storage.persistSizeMiB", "mariner.storage.nixStoreSizeMiB",
             "mariner.storage.dockerSizeMiB"} <= checker.checked
     hypervisors = {r["vm"]["microvm"]["hypervisor"] for r in evaluated.values()}
-    assert {"qemu", "cloud-hypervisor"} <= hypervisors
+    assert {"qemu", "crosvm"} <= hypervisors
 
 
 def test_checker_finds_what_upstream_would_reject():

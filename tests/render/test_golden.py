@@ -82,7 +82,7 @@ BASE = """
 [vm]
 name = "hashed"
 cpus = 2
-memory = "2GiB"
+memory = "3GiB"
 
 [env]
 A = "1"
@@ -98,8 +98,8 @@ target = "/data"
 
 SAME = {
     "comment and blank lines": BASE.replace("[env]", "# a comment\n\n[env]  # trailing"),
-    "keys reordered": BASE.replace('cpus = 2\nmemory = "2GiB"', 'memory = "2GiB"\ncpus = 2'),
-    "size spelled differently": BASE.replace('memory = "2GiB"', "memory = 2048"),
+    "keys reordered": BASE.replace('cpus = 2\nmemory = "3GiB"', 'memory = "3GiB"\ncpus = 2'),
+    "size spelled differently": BASE.replace('memory = "3GiB"', "memory = 3072"),
     "hook added (not part of the VM)": BASE + '\n[hooks]\npost_start = "make"\n',
 }
 DIFFERENT = {

@@ -67,7 +67,7 @@ def _storage(persist=8192, nix_store=32768, docker=32768):
 
 def test_minimal(evaluated, rendered):  # noqa: F811
     vm, r = evaluated["example-minimal"]["vm"], rendered["example-minimal"]
-    _common(vm, name="example-minimal", cid=7, cpus=2, mem=2048)
+    _common(vm, name="example-minimal", cid=7, cpus=2, mem=4096)
     assert vm["microvm"]["shares"] == [_share("workspace", r.project,
                                               "/workspaces/example-minimal")]
     assert vm["mariner"]["storage"] == _storage()
@@ -110,7 +110,7 @@ def test_docker_share_module(evaluated, rendered):  # noqa: F811
 def test_bridge_interface_and_gid(evaluated, rendered):  # noqa: F811
     vm, r = evaluated["bridge-interface-gid"]["vm"], rendered["bridge-interface-gid"]
     _common(vm, name="lab", cid=42, user="dev", uid=1234, cpus=6, mem=3072,
-            hypervisor="cloud-hypervisor")
+            hypervisor="crosvm")
     assert vm["users"]["groups"] == {"dev": {"gid": 2345}}
     assert vm["users"]["users"]["dev"]["group"] == {"_type": "override", "priority": 50,
                                                     "content": "dev"}

@@ -11,7 +11,7 @@
   users.users.dev.group = lib.mkForce "dev";
   microvm.vcpu = 6;
   microvm.mem = 3072;
-  microvm.hypervisor = "cloud-hypervisor";
+  microvm.hypervisor = "crosvm";
   microvm.shares = [
     {
       proto = "virtiofs";

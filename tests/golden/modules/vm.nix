@@ -8,7 +8,7 @@
   mariner.ssh.authorizedKey = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHN0dWIga2V5IGZvciBtYXJpbmVyIHRlc3Rz mariner-test@stub";
   users.users.vm.uid = lib.mkForce 1000;
   microvm.vcpu = 2;
-  microvm.mem = 2048;
+  microvm.mem = 4096;
   microvm.hypervisor = "qemu";
   microvm.shares = [
     {

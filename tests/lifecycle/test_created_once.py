@@ -1,0 +1,49 @@
+"""What a VM gets once, at creation, survives later `up`s: the flake's lock, its disk sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def flake_dir(project) -> Path:
+    return Path(os.environ["MARINER_HOME"]) / "vms" / project.name / "flake"
+
+
+def test_the_flake_lock_is_kept_and_is_not_drift(project):
+    project.up_json()
+    lock = flake_dir(project) / "flake.lock"
+    assert lock.is_file(), "the fake host writes flake.lock like `microvm -c` does"
+    locked = lock.read_bytes()
+    assert project.status_json()["outdated"] is False
+    # a no-op up, a render and a rebuild all keep the lock Nix wrote
+    project.clear_log()
+    assert not project.up_json()["updated"]
+    assert project.changing_calls() == []
+    assert lock.read_bytes() == locked
+    project.mariner("render", check=0)
+    assert lock.read_bytes() == locked
+    project.write(cpus=3)
+    assert project.up_json()["updated"]
+    assert lock.read_bytes() == locked
+    assert project.status_json()["outdated"] is False
+
+
+def test_a_storage_change_is_no_rebuild_and_says_how_to_get_it(project):
+    project.up_json()
+    project.write('[storage]\npersist = "1GiB"\n')
+    status = project.status_json()
+    assert status["outdated"] is False and status["changed_keys"] == []
+    note = next(n for n in status["notes"] if "[storage] persist" in n)
+    assert "applies only to a newly created disk" in note
+    assert "`mariner destroy` then `mariner up`" in note and "loses the data" in note
+    project.clear_log()
+    proc = project.mariner("up", check=0)
+    assert project.changing_calls() == []
+    assert "[storage] persist = 1024 MiB applies only to a newly created disk" in proc.stderr
+    # the rendered flake still describes the disk as it is
+    vm_nix = (flake_dir(project) / "vm.nix").read_text()
+    assert "mariner.storage.persistSizeMiB = 8192;" in vm_nix
+    built = json.loads((flake_dir(project) / "mariner.json").read_text())["config"]
+    assert built["storage"]["persist_mib"] == 8192

@@ -1,0 +1,133 @@
+"""Rendered flakes evaluated through the real nix-mariner and microvm.nix modules.
+
+The pinned sources (nixpkgs `lib`, nix-mariner, microvm.nix) come from MARINER_UPSTREAM_SRC,
+else ../shared/upstream/src beside the repository. `evaluate` runs one nix-instantiate for any
+number of flakes (tests/support/upstream/eval.nix) and returns the values mariner relies on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from support.tools import SHARED, require_tool
+
+HERE = Path(__file__).resolve().parent / "upstream"
+EVAL_NIX = HERE / "eval.nix"
+
+# The revisions a real build of a mariner VM uses (nix-mariner pins microvm.nix in its lock).
+PINS = {
+    "nix-mariner": ("https://github.com/mksafavi/nix-mariner",
+                    "a34eea014f697d640cf1fc51df94db8ae164028d"),
+    "microvm.nix": ("https://github.com/microvm-nix/microvm.nix",
+                    "3ecfea2514bc849ce559cc4ce44f19d0a8006aa4"),
+    "nixpkgs-lib": ("https://github.com/nix-community/nixpkgs.lib",
+                    "de42d44212d207476489bce163375d8306a26d59"),
+}
+_MARKERS = ("nixpkgs-lib/lib/default.nix", "nix-mariner/flake.nix", "nix-mariner/modules",
+            "microvm.nix/flake.nix", "microvm.nix/nixos-modules/microvm/default.nix")
+
+
+def how_to_get_sources(directory: Path) -> str:
+    steps = "; ".join(
+        f"git clone {url} {directory}/{name} && git -C {directory}/{name} checkout {rev}"
+        for name, (url, rev) in PINS.items())
+    return (f"get them with `scripts/upstream-src {directory}` (or by hand: {steps}), "
+            f"or point MARINER_UPSTREAM_SRC at a directory holding them")
+
+
+def upstream_src() -> Path:
+    """The pinned sources. Missing: a failure under CI (CI=true), else a skip that says how
+    to get them (the one skip the suite allows: a developer's checkout may lack ../shared)."""
+    env = os.environ.get("MARINER_UPSTREAM_SRC")
+    src = Path(env).absolute() if env else SHARED / "upstream" / "src"
+    missing = [m for m in _MARKERS if not (src / m).exists()]
+    if missing:
+        message = (f"the pinned nix-mariner/microvm.nix/nixpkgs-lib sources are not in {src} "
+                   f"(no {missing[0]}): {how_to_get_sources(src)}")
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    lock = json.loads((src / "nix-mariner" / "flake.lock").read_text())
+    pinned = lock["nodes"]["microvm"]["locked"]["rev"]
+    assert pinned == PINS["microvm.nix"][1], (
+        f"{src}/nix-mariner is not the pinned revision {PINS['nix-mariner'][1]}: its lock pins "
+        f"microvm.nix {pinned}")
+    return src
+
+
+def nix_string(value: str) -> str:
+    return json.dumps(value).replace("${", "\\${")
+
+
+def evaluate(flakes: dict[str, Path], system: str = "x86_64-linux") -> dict[str, dict]:
+    """Evaluate rendered flake directories (name -> directory) in one nix-instantiate call."""
+    src = upstream_src()
+    nix = require_tool("nix-instantiate")
+    attrs = " ".join(f"{nix_string(name)} = /. + {nix_string(str(Path(d).absolute()))};"
+                     for name, d in flakes.items())
+    expr = (f"import (/. + {nix_string(str(EVAL_NIX))}) {{ src = /. + {nix_string(str(src))}; "
+            f"system = {nix_string(system)}; flakes = {{ {attrs} }}; }}")
+    proc = subprocess.run([nix, "--eval", "--strict", "--json", "-E", expr],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, (
+        f"evaluating {sorted(flakes)} through the real modules failed:\n{_stderr(proc.stderr)}")
+    results = json.loads(proc.stdout)
+    for result in results.values():
+        result["virtiofsd"] = virtiofsd_commands(result.pop("virtiofsdRun"))
+    return results
+
+
+def evaluate_one(directory: Path) -> dict:
+    return evaluate({"vm": directory})["vm"]
+
+
+def _stderr(text: str) -> str:
+    lines = [line for line in text.splitlines()
+             if "build-users-group" not in line]  # Debian's nix without the nixbld group
+    return "\n".join(lines[-60:])
+
+
+# -- reading the virtiofsd command lines out of the evaluation ----------------------------------
+
+_EMBEDDED = re.compile(r"/nix/store/stub-[^#\s]*#")
+
+
+def _embedded(text: str, start: int = 0):
+    """The record a stub script writer embedded after its store path (see pkgs.nix)."""
+    match = _EMBEDDED.search(text, start)
+    if match is None:
+        return None, -1
+    value, end = json.JSONDecoder().raw_decode(text, match.end())
+    return value, end
+
+
+def virtiofsd_commands(run: str | None) -> dict[str, list[str]]:
+    """tag -> the virtiofsd argv (program first) that microvm.nix's supervisord starts for
+    that share."""
+    if run is None:
+        return {}
+    config, _ = _embedded(run)
+    assert config and config["kind"] == "text", run
+    commands: dict[str, list[str]] = {}
+    section = None
+    for line in config["text"].splitlines():
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+        elif line.startswith("command=") and section.startswith("program:virtiofsd-"):
+            script, _ = _embedded(line)
+            assert script["kind"] == "shell", line
+            commands[section.removeprefix("program:virtiofsd-")] = _exec_argv(script["text"])
+    return commands
+
+
+def _exec_argv(script: str) -> list[str]:
+    joined = script.replace("\\\n", " ")
+    line = next(line for line in joined.splitlines() if line.lstrip().startswith("exec "))
+    return shlex.split(line)[1:]
