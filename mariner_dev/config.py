@@ -8,6 +8,7 @@ collected and reported at once, each naming file:line:col, the key path and what
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import pwd
@@ -465,6 +466,15 @@ class _Resolver:
         mode = self.get("network", "mode", default="bridge")
         ssh_port = self.get("network", "ssh_port")
         iface = self.get("network", "interface")
+        dns = self.get("network", "dns")
+        if dns is not None:
+            try:
+                dns = str(ipaddress.ip_address(dns.strip()))
+            except ValueError:
+                self.error(("network", "dns"), f"{describe(dns)} is not an IP address (e.g. "
+                           f"\"{m.BRIDGE_GATEWAY}\", the host's bridge address, when the host "
+                           f"module sets mariner.host.network.exposeDNS)")
+                dns = None
         if (mode == "user" and vm.hypervisor != "qemu"
                 and vm.hypervisor not in m.UNBOOTABLE_HYPERVISORS):
             key = ("vm", "hypervisor") if self.get("vm", "hypervisor") is not None else ("network", "mode")
@@ -483,7 +493,7 @@ class _Resolver:
                 self.error(("network", "interface"),
                            f"{describe(iface)} must start with \"microvm-\" in bridge mode: "
                            f"the host bridges only microvm-* interfaces into br-microvm")
-        return m.NetworkSettings(mode=mode, ssh_port=ssh_port, interface=iface)
+        return m.NetworkSettings(mode=mode, ssh_port=ssh_port, interface=iface, dns=dns)
 
     def shares(self, workspace: str) -> tuple[m.Share, ...]:
         out: list[m.Share] = []

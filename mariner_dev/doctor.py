@@ -36,10 +36,16 @@ BRIDGE_FIX = (f"set `mariner.host.network.enable = true;` (nix-mariner's host mo
               f"declare the bridge as nix-mariner's host setup shows: a systemd-networkd netdev "
               f"`{BRIDGE}` (Kind = bridge) with Address {BRIDGE_ADDRESS}/{BRIDGE_PREFIX}; or use "
               f'`[network] mode = "user"`, which needs no host network')
-FIREWALL_FIX = (f'remove "{BRIDGE}" from networking.firewall.trustedInterfaces and allow only '
-                f'DNS from the VMs: networking.firewall.interfaces."{BRIDGE}" = '
+FIREWALL_FIX = (f'remove "{BRIDGE}" from networking.firewall.trustedInterfaces (older '
+                f"nix-mariner docs put it there; the pinned host module does not) and allow "
+                f"only DNS from the VMs: mariner.host.network.exposeDNS = true; opens just that, "
+                f'or by hand networking.firewall.interfaces."{BRIDGE}" = '
                 f"{{ allowedUDPPorts = [ 53 ]; allowedTCPPorts = [ 53 ]; }}; (SSH from the host "
                 f"into the VMs keeps working: replies to it are established traffic)")
+FIREWALL_OFF_FIX = ("networking.firewall.enable = true; (NixOS's default) in the host "
+                    "configuration: nix-mariner's host module relies on it and opens only DNS "
+                    "on the bridge (with exposeDNS)")
+DNS_PORT = 53
 LOOPBACK_FIX = ("QEMU's user network has no switch that hides only the host's loopback: "
                 "`restrict=on` cuts the guest off from every network (only forwarded ports keep "
                 "working) and microvm.nix does not offer it. Stop the services you do not need "
@@ -187,24 +193,39 @@ def check_nix(required: bool = True) -> Check:
     return _verdict("nix", required, True, f"{name} with nix-command and flakes", None)
 
 
+VHOST_VSOCK_MODULE = Path("/sys/module/vhost_vsock")
+VHOST_VSOCK_DEVICE = Path("/dev/vhost-vsock")
+PROC_MODULES = Path("/proc/modules")
+
+
 def check_vhost_vsock(required: bool = True) -> Check:
-    seen = []
-    if Path("/sys/module/vhost_vsock").exists():
-        seen.append("/sys/module/vhost_vsock")
+    """nix-mariner gives every VM a vsock cid (also in user mode): QEMU opens /dev/vhost-vsock,
+    which the vhost_vsock module provides (nix-mariner's host module loads it at boot)."""
+    fix = ('mariner.nixosModules.host loads it (boot.kernelModules = [ "vhost_vsock" ]); '
+           '`modprobe vhost_vsock` loads it now')
+    loaded = VHOST_VSOCK_MODULE.exists()
+    if not loaded:
+        try:
+            loaded = any(line.split()[:1] == ["vhost_vsock"]
+                         for line in PROC_MODULES.read_text().splitlines())
+        except OSError:
+            pass
     try:
-        if any(line.split()[0] == "vhost_vsock" for line in Path("/proc/modules").read_text().splitlines()):
-            seen.append("/proc/modules")
+        device = stat.S_ISCHR(VHOST_VSOCK_DEVICE.stat().st_mode)
     except OSError:
-        pass
-    if Path("/dev/vhost-vsock").exists():
-        seen.append("/dev/vhost-vsock")
-    if seen:
-        return _verdict("vhost-vsock", required, True, f"vhost_vsock is there ({', '.join(seen)})",
+        device = False
+    if device:
+        how = "the vhost_vsock module is loaded" if loaded else "vhost_vsock is built in"
+        return _verdict("vhost-vsock", required, True, f"{how} and {VHOST_VSOCK_DEVICE} exists",
                         None)
-    return _verdict("vhost-vsock", required, False,
-                    "the vhost_vsock kernel module is not loaded (VM cids need it)",
-                    'boot.kernelModules = [ "vhost_vsock" ]; in the host configuration, or '
-                    '`modprobe vhost_vsock` now')
+    if loaded:
+        return _verdict("vhost-vsock", required, False, "the vhost_vsock module is loaded, but "
+                        "/dev/vhost-vsock is missing or not a character device",
+                        "check udev, or reload the module: `modprobe -r vhost_vsock && "
+                        "modprobe vhost_vsock`")
+    return _verdict("vhost-vsock", required, False, "the vhost_vsock kernel module is not "
+                    "loaded and there is no /dev/vhost-vsock (every VM's vsock cid needs them)",
+                    fix)
 
 
 def _bridge_addresses() -> tuple[list[str] | None, str]:
@@ -304,8 +325,9 @@ def check_state_dir(required: bool = True) -> Check:
 # -- advisory: what a guest can reach on the host ------------------------------------------
 
 def _firewall_rules() -> tuple[str | None, str]:
-    """The ruleset text (nft, else iptables) or None, and where it came from / why not."""
-    reasons = []
+    """The ruleset text (nft, else iptables) or None, and where it came from / why not. ""
+    when the tools answered but list no rules at all (no firewall)."""
+    reasons, empty = [], []
     for name, args in (("nft", ["list", "ruleset"]), ("iptables", ["-S"])):
         try:
             result = _run(name, args, timeout=10)
@@ -319,8 +341,21 @@ def _firewall_rules() -> tuple[str | None, str]:
         elif result.stdout.strip():
             return result.stdout, f"{name} {' '.join(args)}"
         else:
-            reasons.append(f"`{name} {' '.join(args)}` printed no rules")
+            empty.append(f"`{name} {' '.join(args)}`")
+    if empty:
+        return "", " and ".join(empty)
     return None, "; ".join(reasons)
+
+
+def firewall_filters_input(rules: str) -> bool:
+    """Whether the rules filter what arrives for the host at all: an nft chain on the input
+    hook that drops or rejects, or iptables' INPUT with a DROP policy or a jump to a chain
+    (NixOS's `-A INPUT -j nixos-fw`)."""
+    if "hook input" in rules:
+        return re.search(r"\b(policy drop|drop|reject)\b", rules) is not None
+    if re.search(r"^-P INPUT (?:DROP|REJECT)\b", rules, re.M):
+        return True
+    return re.search(r"^-A INPUT\b.*-j (?!ACCEPT\b)\S+", rules, re.M) is not None
 
 
 def blanket_bridge_accepts(rules: str) -> list[str]:
@@ -355,6 +390,10 @@ def check_bridge_firewall() -> Check:
         return Check(name, WARN, f"the firewall accepts everything from {BRIDGE} "
                      f"({accepts[0]}): every VM reaches every service on this host",
                      FIREWALL_FIX, False)
+    if not rules or not firewall_filters_input(rules):
+        what = f"{source} list no rules" if not rules else f"no rule in `{source}` filters input"
+        return Check(name, WARN, f"no firewall is active ({what}): every VM on {BRIDGE} "
+                     f"reaches every service on this host", FIREWALL_OFF_FIX, False)
     return Check(name, OK, f"no rule in `{source}` accepts all traffic from {BRIDGE}",
                  FIREWALL_FIX, False)
 
@@ -411,6 +450,37 @@ def check_user_net_loopback() -> Check:
                  f"10.0.2.2: {shown} (* = all addresses)", LOOPBACK_FIX, False)
 
 
+def dns_on_bridge(listeners: list[tuple[str, int]]) -> bool:
+    """Whether a host DNS server listens where the guests' gateway is (10.0.0.1:53, or every
+    address): what mariner.host.network.exposeDNS sets up (resolved's DNSStubListenerExtra)."""
+    return any(port == DNS_PORT and address in (BRIDGE_ADDRESS, "0.0.0.0", "::")
+               for address, port in listeners)
+
+
+def check_bridge_dns(network_mode: str | None = None, dns: str | None = None) -> Check:
+    """Advice on `[network] dns` for a bridge-mode project: nix-mariner leaves the guest's DNS
+    unset (resolved's FallbackDNS, on the internet) unless the project names one."""
+    name = "bridge-dns"
+    exposed = bridge_exists() and dns_on_bridge(listening_tcp())
+    fix = (f'add `dns = "{BRIDGE_ADDRESS}"` under [network] in mariner.toml')
+    if network_mode != "bridge":
+        return Check(name, OK, "not a bridge-mode project: its guest uses QEMU's DNS"
+                     if network_mode == "user" else "no project here to check", None, False)
+    if exposed and dns is None:
+        return Check(name, WARN, f"the host answers DNS on {BRIDGE_ADDRESS}:53 "
+                     f"(mariner.host.network.exposeDNS), but this project's guest is not told "
+                     f"and uses systemd-resolved's FallbackDNS servers instead", fix, False)
+    if dns == BRIDGE_ADDRESS and not exposed:
+        return Check(name, WARN, f"[network] dns = \"{BRIDGE_ADDRESS}\", but nothing on this "
+                     f"host listens on {BRIDGE_ADDRESS}:53: the guest cannot resolve names",
+                     "set mariner.host.network.exposeDNS = true; in the host configuration "
+                     "(it needs systemd-resolved), or remove [network] dns", False)
+    where = f"the guest asks {dns}" if dns else "the guest uses systemd-resolved's FallbackDNS"
+    return Check(name, OK, f"{where}; the host "
+                 f"{'answers' if exposed else 'does not answer'} DNS on {BRIDGE_ADDRESS}",
+                 None, False)
+
+
 # -- putting it together --------------------------------------------------------------------
 
 def _guarded(name: str, required: bool, check: Callable[[], Check]) -> Check:
@@ -440,10 +510,14 @@ def microvm_host_checks(network_mode: str | None = None) -> list[Check]:
     return [_guarded(name, required, check) for name, required, check in plan]
 
 
-def run_doctor(backend=None, network_mode: str | None = None) -> DoctorReport:
-    """Run the host backend's checks (the microvm.nix host by default)."""
+def run_doctor(backend=None, network_mode: str | None = None,
+               dns: str | None = None) -> DoctorReport:
+    """Run the host backend's checks (the microvm.nix host by default), then the project's
+    (`network_mode` and `dns` of its [network], when there is one)."""
     if backend is None:
         from .host.microvm import MicrovmHost
 
         backend = MicrovmHost()
-    return DoctorReport(backend.doctor_checks(network_mode))
+    checks = backend.doctor_checks(network_mode)
+    checks.append(_guarded("bridge-dns", False, lambda: check_bridge_dns(network_mode, dns)))
+    return DoctorReport(checks)

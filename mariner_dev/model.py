@@ -70,6 +70,8 @@ class NetworkSettings:
     mode: str                # "bridge" | "user"
     ssh_port: int | None     # user mode: None means allocated at `up`
     interface: str | None = None  # host-side interface id; None: the default for the mode
+    dns: str | None = None   # the guest's DNS server; None: bridge: resolved's FallbackDNS,
+                             # user: QEMU's 10.0.2.3
 
 
 @dataclass(frozen=True)

@@ -143,11 +143,15 @@ def _vm_module(cfg: m.ProjectConfig, cid: int, ssh_port: int | None, public_key:
                 "guest": {"port": 22}}])),
             ("mariner.network.address", nix_string(f"{m.USER_NET_GUEST}/24")),
             ("mariner.network.gateway", nix_string(m.USER_NET_GATEWAY)),
-            ("mariner.network.dns", nix_string(m.USER_NET_DNS)),
+            ("mariner.network.dns", nix_string(cfg.network.dns or m.USER_NET_DNS)),
         ]
-    elif cfg.network.interface:
-        settings.append(("microvm.interfaces", nix_value(
-            [{"type": "tap", "id": cfg.network.interface, "mac": mac}])))
+    else:
+        if cfg.network.interface:
+            settings.append(("microvm.interfaces", nix_value(
+                [{"type": "tap", "id": cfg.network.interface, "mac": mac}])))
+        if cfg.network.dns:
+            # nix-mariner leaves it null (the guest's resolved uses its FallbackDNS)
+            settings.append(("mariner.network.dns", nix_string(cfg.network.dns)))
     packages = list(cfg.nix.packages)
     if cfg.dotfiles.repository and "git" not in packages:
         packages.append("git")  # the dotfiles repository is cloned in the guest

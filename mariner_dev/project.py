@@ -30,7 +30,8 @@ name = "{name}"             # systemd unit microvm@{name} and the guest's hostna
 # cid = 7                   # default: allocated, unique on this host (3-254)
 
 [network]
-# mode = "bridge"           # bridge: guest at 10.0.0.<cid>; user: SSH on a loopback port, no host setup
+# mode = "bridge"           # bridge: guest at 10.0.0.<cid>; user: SSH on a loopback port, no bridge
+# dns = "10.0.0.1"          # bridge: the host's DNS, if its host module sets exposeDNS
 # ssh_port = 2222           # user mode only (default: allocated)
 
 [workspace]

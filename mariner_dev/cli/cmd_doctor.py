@@ -7,12 +7,12 @@ from .app import JsonOpt, ProjectOpt, app, context
 _STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red"}
 
 
-def _project_network_mode(ctx) -> str | None:
-    """The project's network mode when there is a readable project; doctor works without one."""
+def _project_network(ctx):
+    """The project's [network] when there is a readable project (doctor works without one)."""
     from ..errors import MarinerError
 
     try:
-        return ctx.load().network.mode
+        return ctx.load().network
     except MarinerError:
         return None
 
@@ -23,8 +23,9 @@ def doctor(project: ProjectOpt = None, json_output: JsonOpt = False) -> int:
     from ..doctor import run_doctor
 
     ctx = context(project, json_output)
-    mode = _project_network_mode(ctx)
-    report = run_doctor(network_mode=mode)
+    network = _project_network(ctx)
+    mode = network.mode if network else None
+    report = run_doctor(network_mode=mode, dns=network.dns if network else None)
     if json_output:
         ctx.emit_json(report.to_json())
     else:

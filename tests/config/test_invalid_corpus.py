@@ -41,6 +41,7 @@ CLASSES = {
     "hypervisor that cannot boot nix-mariner's shares": [
         "hypervisor-cannot-boot-cloud-hypervisor", "hypervisor-cannot-boot-firecracker-user-mode"],
     "exactly 2 GiB with QEMU": ["memory-exactly-2gib-qemu", "memory-2048-qemu"],
+    "[network] dns not an IP address": ["network-dns-not-an-address"],
     "duplicate share tags": ["share-tag-duplicate", "share-tag-reserved"],
     "interface id over 15 characters": ["interface-too-long", "interface-user-mode-too-long"],
     "unknown key with did-you-mean": ["unknown-key-did-you-mean", "unknown-table-did-you-mean",

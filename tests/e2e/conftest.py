@@ -21,6 +21,7 @@ sys.path.insert(0, str(E2E))
 
 import image  # noqa: E402
 import realhost  # noqa: E402
+from support import upstream  # noqa: E402
 
 
 # -- running only when asked ----------------------------------------------------------------
@@ -57,6 +58,10 @@ def e2e_image() -> Path:
         pytest.fail("the e2e tier cannot run here, missing: " + ", ".join(missing)
                     + " (Debian: qemu-system-x86 qemu-utils debootstrap nix-bin openssh-client "
                       "tmux; see scripts/e2e)", pytrace=False)
+    try:  # each VM is configured from its flake evaluated through the real upstream modules
+        upstream.locate_src()
+    except upstream.SourcesMissing as exc:
+        pytest.fail(f"the e2e tier cannot run here: {exc}", pytrace=False)
     given = os.environ.get("MARINER_E2E_IMAGE")
     if given:
         if not image.is_complete(Path(given)):

@@ -13,10 +13,14 @@ module adds, in MARINER_MICROVMS_DIR/<name>/:
 and per boot a short runtime directory under /tmp (QMP and virtiofs sockets; Unix socket
 paths are limited to 108 bytes), recorded in the unit state with the pids.
 
-Everything the VM gets comes from guest.json, i.e. from the flake mariner rendered: the guest
-user (mariner.username), its uid (users.users.<user>.uid, a mkForce record) and group/gid,
-the authorized key (mariner.ssh.authorizedKey), the SSH forward (microvm.forwardPorts entry to
-guest port 22), every microvm.shares entry, networking.hostName, microvm.vcpu/mem and the MAC.
+Everything the VM gets comes from the flake mariner rendered, evaluated as a real build would
+evaluate it: through nix-mariner's and microvm.nix's modules at the pinned revisions
+(tests/support/upstream.py; the "build" stores the result as share/microvm/upstream.json in
+the runner). Read from it: the guest user's name, uid, group and gid, its authorized keys,
+the SSH forward (the microvm.forwardPorts entry to guest port 22), every microvm.shares entry,
+networking.hostName, microvm.vcpu/mem and the interface's MAC. nix-mariner's 9p share of the
+host's /nix/store (tag "ro-store") is left out: the Debian guest has its own root file system
+and no Nix (SKIPPED_SHARES).
 
 The unit's main process is a launcher (`realhost.py boot <name>`, started by `systemctl
 start`): it starts one virtiofsd per share, then QEMU, and copies QEMU's serial console into
@@ -52,9 +56,11 @@ from pathlib import Path
 E2E = Path(__file__).resolve().parent
 FAKEHOST = E2E.parent / "fakehost"
 sys.path.insert(0, str(FAKEHOST))
+sys.path.insert(0, str(E2E.parent))
 
 import fakelib  # noqa: E402
 from fakelib import Refused  # noqa: E402
+from support import upstream  # noqa: E402
 
 QEMU = "qemu-system-x86_64"
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
@@ -66,6 +72,10 @@ POWERDOWN_TIMEOUT = 90.0  # a guest under TCG powers off in a few seconds; this 
 POWERDOWN_REPEAT = 5.0  # seconds between presses of the power button
 ACCELERATORS = {"tcg": "tcg,thread=multi", "kvm": "kvm"}
 DEFAULT_GROUP, DEFAULT_GID = "users", 100  # NixOS's `users` group (Debian's has gid 100 too)
+UPSTREAM_JSON = "upstream.json"
+# Shares of the real VM that this Debian guest does without, by tag, and why.
+SKIPPED_SHARES = {"ro-store": "nix-mariner's 9p share of the host's /nix/store: the Debian "
+                              "guest has its own root file system and no Nix"}
 
 
 # -- what the VM gets, from the rendered flake ----------------------------------------------
@@ -103,56 +113,68 @@ class GuestSpec:
                            for s in self.shares]}
 
 
-def _content(value):
-    """A definition's value through a mkForce/mkDefault record (as vm.nix evaluates it)."""
-    if isinstance(value, dict) and value.get("_type") == "override":
-        return value.get("content")
-    return value
-
-
-def guest_spec(name: str, vm: dict) -> GuestSpec:
-    """Read the VM's settings from the evaluated vm.nix; refuse what a real VM could not do."""
-    get = fakelib._get
-    user = get(vm, "mariner.username", "vm")
-    users = get(vm, "users.users", {}) or {}
-    account = users.get(user, {}) if isinstance(users, dict) else {}
-    uid = _content(account.get("uid", 1000))
-    group = _content(account.get("group", DEFAULT_GROUP))
-    groups = get(vm, "users.groups", {}) or {}
-    gid = _content((groups.get(group) or {}).get("gid"))
+def guest_spec(name: str, e: dict) -> GuestSpec:
+    """Read the VM's settings from its evaluation through the real modules; refuse what a
+    real VM could not do."""
+    user = e["user"]
+    group = user["group"]
+    gid = e["groups"].get(group)
     if gid is None:
         if group != DEFAULT_GROUP:
-            raise Refused(f"e2e host: users.users.{user}.group = {group!r} but the flake "
-                          f"defines no users.groups.{group}.gid")
+            raise Refused(f"e2e host: users.users.{user['name']}.group = {group!r} but the "
+                          f"flake defines no users.groups.{group}.gid")
         gid = DEFAULT_GID
-    if not isinstance(uid, int) or not isinstance(gid, int):
-        raise Refused(f"e2e host: the guest user's uid/gid are not integers: {uid!r}/{gid!r}")
-    key = get(vm, "mariner.ssh.authorizedKey")
-    if not key:
-        raise Refused("e2e host: the flake sets no mariner.ssh.authorizedKey")
-    address, port = fakelib._ssh_forward(vm)
+    if not isinstance(user["uid"], int) or not isinstance(gid, int):
+        raise Refused(f"e2e host: the guest user's uid/gid are not integers: "
+                      f"{user['uid']!r}/{gid!r}")
+    if not user["keys"]:
+        raise Refused(f"e2e host: users.users.{user['name']} has no authorized key")
+    forwards = [f for f in e["forwardPorts"] if f["guest"]["port"] == 22]
+    if len(forwards) != 1:
+        raise Refused(f"e2e host: only user networking is emulated: the flake forwards "
+                      f"{forwards or 'nothing'} to guest port 22")
+    address, port = forwards[0]["host"]["address"], forwards[0]["host"]["port"]
     if address != "127.0.0.1" or not isinstance(port, int):
         raise Refused(f"e2e host: the SSH forward binds {address!r}:{port!r}; mariner must "
                       f"bind 127.0.0.1 and a port")
     shares = []
-    for entry in get(vm, "microvm.shares", []) or []:
-        if entry.get("proto", "9p") != "virtiofs":
-            raise Refused(f"e2e host: share {entry.get('tag')!r} uses proto "
-                          f"{entry.get('proto', '9p (the default)')!r}; only virtiofs is emulated")
-        for key_name in ("tag", "source", "mountPoint"):
-            if not entry.get(key_name):
-                raise Refused(f"e2e host: a microvm.shares entry has no {key_name}: {entry}")
+    for entry in e["shares"]:
+        if entry["tag"] in SKIPPED_SHARES and entry["proto"] == "9p":
+            continue
+        if entry["proto"] != "virtiofs":
+            raise Refused(f"e2e host: share {entry['tag']!r} uses proto {entry['proto']!r}; "
+                          f"only virtiofs is emulated")
         if not Path(entry["source"]).is_dir():
             raise Refused(f"e2e host: share {entry['tag']!r}: source {entry['source']} "
                           f"is not a directory")
         shares.append(Share(entry["tag"], entry["source"], entry["mountPoint"],
-                            bool(entry.get("readOnly", False))))
-    interfaces = get(vm, "microvm.interfaces", []) or []
-    return GuestSpec(hostname=get(vm, "networking.hostName", name), user=user, uid=uid,
-                     group=group, gid=gid, authorized_key=key, ssh_port=port,
-                     cpus=int(get(vm, "microvm.vcpu", 1)),
-                     memory_mib=int(get(vm, "microvm.mem", 512)),
-                     mac=interfaces[0].get("mac") if interfaces else None, shares=shares)
+                            bool(entry["readOnly"])))
+    return GuestSpec(hostname=e["hostName"], user=user["name"], uid=user["uid"], group=group,
+                     gid=gid, authorized_key="\n".join(user["keys"]), ssh_port=port,
+                     cpus=int(e["vcpu"]), memory_mib=int(e["mem"]),
+                     mac=e["interfaces"][0]["mac"] if e["interfaces"] else None, shares=shares)
+
+
+def build(name: str, flakeref: str, store: Path) -> Path:
+    """The fake host's build, plus the flake evaluated through the real modules (once per
+    runner): what the VM is configured from."""
+    runner = _fake_build(name, flakeref, store)
+    target = runner / "share" / "microvm" / UPSTREAM_JSON
+    if not target.exists():
+        try:
+            evaluation = upstream.evaluate_one(fakelib.flake_dir_from_ref(flakeref),
+                                               src=upstream.locate_src())
+        except (upstream.SourcesMissing, upstream.EvaluationFailed) as exc:
+            raise Refused(f"e2e host: {exc}") from None
+        fakelib.write_json_atomic(target, evaluation)
+    return runner
+
+
+def evaluated_config(runner: Path) -> dict:
+    return json.loads((runner / "share" / "microvm" / UPSTREAM_JSON).read_text())
+
+
+_fake_build = fakelib.build
 
 
 # -- the image and the VM's disk -------------------------------------------------------------
@@ -292,7 +314,7 @@ def boot(name: str) -> int:
         with fakelib.unit_lock(directory):
             if not _ours(name):
                 return 0  # stopped before we got here
-        spec = guest_spec(name, fakelib.guest_config(directory / "booted"))
+        spec = guest_spec(name, evaluated_config(directory / "booted"))
         image = image_dir()
         accel = accelerator()
         disk = ensure_disk(directory, image)
@@ -471,6 +493,7 @@ def run_fake(prog: str) -> None:
     """Run tests/fakehost/bin/<prog> with this module's start and halt in place."""
     fakelib.start_unit = start_unit
     fakelib._halt_guest = halt_guest
+    fakelib.build = build
     argv = sys.argv[1:]
     if prog == "systemctl" and "stop" in argv and "--no-block" in argv:
         # the fake backgrounds `fakelib.py stop`, which knows nothing of QEMU: background

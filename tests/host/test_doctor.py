@@ -15,7 +15,7 @@ from mariner_dev.doctor import Check, DoctorReport
 from support.fakehost import shell_command as tool
 
 NAMES = ["kvm", "microvm", "nix", "vhost-vsock", "bridge", "systemd-networkd", "sudo",
-         "state-dir", "bridge-firewall", "user-net-loopback"]
+         "state-dir", "bridge-firewall", "user-net-loopback", "bridge-dns"]
 
 
 @pytest.fixture
@@ -36,7 +36,8 @@ def test_reports_on_this_machine_without_crashing():
         if check.status != "ok":
             assert check.fix, check
     assert [c.name for c in report.checks if not c.required] == ["bridge-firewall",
-                                                                  "user-net-loopback"]
+                                                                  "user-net-loopback",
+                                                                  "bridge-dns"]
     assert report.ok == (not any(c.status == "fail" for c in report.checks))
     state_dir = next(c for c in report.checks if c.name == "state-dir")
     assert state_dir.status == "ok"  # the isolation fixture's MARINER_MICROVMS_DIR exists
@@ -204,6 +205,11 @@ table inet nixos-fw {
 
 NIXOS_NFT_DNS_ONLY = """\
 table inet nixos-fw {
+	chain input {
+		type filter hook input priority filter; policy drop;
+		iifname "lo" accept
+		jump input-allow
+	}
 	chain input-allow {
 		iifname "br-microvm" udp dport 53 accept
 		iifname "br-microvm" tcp dport 53 accept
@@ -286,3 +292,97 @@ def test_loopback_listener_is_named():
     assert check.status == "warn" and not check.required
     assert reachable[0] in check.detail and "10.0.2.2" in check.detail
     assert "restrict=on" in check.fix
+
+
+# -- the pinned host module: firewall on, DNS on the bridge, vhost-vsock --------------------
+
+def test_bridge_firewall_off_is_reported(fake_bridge, tools):
+    fake_bridge("10.0.0.1/24")
+    tool(tools, "nft", "true")            # answers, lists nothing
+    tool(tools, "iptables", "true")
+    check = doctor.check_bridge_firewall()
+    assert check.status == "warn" and "no firewall is active" in check.detail
+    assert "list no rules" in check.detail
+    assert "networking.firewall.enable = true" in check.fix
+    # rules that never filter input count as no firewall either
+    tool(tools, "nft", "printf 'table inet t {\\n chain c {\\n  counter\\n }\\n}\\n'")
+    check = doctor.check_bridge_firewall()
+    assert check.status == "warn" and "filters input" in check.detail
+
+
+def test_firewall_filters_input():
+    assert doctor.firewall_filters_input(NIXOS_NFT_DNS_ONLY)
+    assert not doctor.firewall_filters_input("table inet t {\n chain c { counter }\n}")
+    assert doctor.firewall_filters_input("-P INPUT ACCEPT\n-A INPUT -j nixos-fw\n")
+    assert doctor.firewall_filters_input("-P INPUT DROP\n")
+    assert not doctor.firewall_filters_input("-P INPUT ACCEPT\n-A INPUT -i lo -j ACCEPT\n")
+
+
+@pytest.fixture
+def vsock(tmp_path, monkeypatch):
+    """Where check_vhost_vsock looks, pointed into tmp_path."""
+    paths = {"module": tmp_path / "sys-module-vhost_vsock", "device": tmp_path / "vhost-vsock",
+             "modules": tmp_path / "proc-modules"}
+    monkeypatch.setattr(doctor, "VHOST_VSOCK_MODULE", paths["module"])
+    monkeypatch.setattr(doctor, "VHOST_VSOCK_DEVICE", paths["device"])
+    monkeypatch.setattr(doctor, "PROC_MODULES", paths["modules"])
+    paths["modules"].write_text("ext4 1 0 - Live 0x0\n")
+    return paths
+
+
+def test_vhost_vsock_needs_the_device(vsock):
+    check = doctor.check_vhost_vsock()
+    assert check.status == "fail" and "not loaded and there is no /dev/vhost-vsock" in check.detail
+    assert "modprobe vhost_vsock" in check.fix
+    vsock["modules"].write_text("vhost_vsock 24576 0 - Live 0x0\n")
+    check = doctor.check_vhost_vsock()
+    assert check.status == "fail" and "/dev/vhost-vsock is missing" in check.detail
+    vsock["device"].write_text("")       # a plain file is no device
+    assert doctor.check_vhost_vsock().status == "fail"
+    vsock["device"].unlink()
+    os.symlink("/dev/null", vsock["device"])  # a character device
+    check = doctor.check_vhost_vsock()
+    assert check.status == "ok" and "module is loaded" in check.detail
+    vsock["modules"].write_text("")
+    assert "built in" in doctor.check_vhost_vsock().detail
+
+
+@pytest.fixture
+def dns_listener(fake_bridge, monkeypatch):
+    """The host's listening sockets, as check_bridge_dns sees them."""
+    fake_bridge("10.0.0.1/24")
+    listeners: list[tuple[str, int]] = []
+    monkeypatch.setattr(doctor, "listening_tcp", lambda *a: list(listeners))
+    return listeners
+
+
+def test_exposed_dns_the_guest_is_not_told_about(dns_listener):
+    dns_listener.append(("10.0.0.1", 53))
+    check = doctor.check_bridge_dns("bridge", None)
+    assert check.status == "warn" and not check.required
+    assert "answers DNS on 10.0.0.1:53" in check.detail and "is not told" in check.detail
+    assert 'dns = "10.0.0.1"' in check.fix
+    assert doctor.check_bridge_dns("bridge", "10.0.0.1").status == "ok"
+    assert doctor.check_bridge_dns("user", None).status == "ok"
+
+
+def test_dns_named_but_not_exposed(dns_listener):
+    dns_listener.append(("127.0.0.53", 53))  # resolved's own stub only
+    check = doctor.check_bridge_dns("bridge", "10.0.0.1")
+    assert check.status == "warn" and "nothing on this host listens on 10.0.0.1:53" in check.detail
+    assert "exposeDNS" in check.fix
+    assert doctor.check_bridge_dns("bridge", None).status == "ok"
+
+
+def test_cli_doctor_tells_the_project_dns(run_cli, tmp_path, dns_listener):
+    dns_listener.append(("10.0.0.1", 53))
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "mariner.toml").write_text('[vm]\nname = "proj"\n')
+    _, out, _ = run_cli("doctor", "--json", cwd=project)
+    checks = {c["name"]: c for c in json.loads(out)["checks"]}
+    assert checks["bridge-dns"]["status"] == "warn"
+    (project / "mariner.toml").write_text('[vm]\nname = "proj"\n[network]\ndns = "10.0.0.1"\n')
+    _, out, _ = run_cli("doctor", "--json", cwd=project)
+    checks = {c["name"]: c for c in json.loads(out)["checks"]}
+    assert checks["bridge-dns"]["status"] == "ok"

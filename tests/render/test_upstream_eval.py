@@ -115,13 +115,16 @@ def test_the_real_modules_build_what_mariner_asked_for(evaluated_upstream, name)
                                       "host": {"address": "127.0.0.1", "port": r.spec.ssh_port},
                                       "guest": {"address": "", "port": 22}}]
         assert e["lan"] == {"mac": mac, "address": ["10.0.2.15/24"], "gateway": "10.0.2.2",
-                            "dns": ["10.0.2.3"]}
+                            "dns": [cfg.network.dns or "10.0.2.3"]}
     else:
         assert e["interfaces"] == [{"type": "tap", "id": cfg.network.interface
                                     or f"microvm-{cid}", "mac": mac}]
         assert e["forwardPorts"] == []
         assert e["lan"]["address"] == [f"10.0.0.{cid}/24"]
         assert e["lan"]["gateway"] == "10.0.0.1" and e["lan"]["mac"] == mac
+        # nix-mariner leaves DNS unset (resolved's FallbackDNS) unless [network] dns names one
+        assert e["lan"]["dns"] == ([cfg.network.dns] if cfg.network.dns else None)
+        assert e["network"]["dns"] == cfg.network.dns
     # volumes, at the sizes mariner.toml asked for
     sizes = {"persist.img": cfg.storage.persist_mib, "nix-store.img": cfg.storage.nix_store_mib}
     if cfg.docker_enable:
@@ -137,6 +140,9 @@ def test_the_spread_covers_both_modes_and_extra_shares(evaluated_upstream):
     assert any(s.readonly for r, _ in evaluated_upstream.values() for s in r.cfg.shares)
     assert any(r.cfg.vm.gid != DEFAULT_GID for r, _ in evaluated_upstream.values())
     assert any(r.cfg.network.interface for r, _ in evaluated_upstream.values())
+    assert any(r.cfg.network.dns and r.cfg.network.mode == "bridge"
+               for r, _ in evaluated_upstream.values())
+    assert {r.cfg.vm.hypervisor for r, _ in evaluated_upstream.values()} == {"qemu", "crosvm"}
     assert {"template-default", "valid-everything"} <= set(evaluated_upstream)
 
 

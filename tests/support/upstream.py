@@ -3,6 +3,8 @@
 The pinned sources (nixpkgs `lib`, nix-mariner, microvm.nix) come from MARINER_UPSTREAM_SRC,
 else ../shared/upstream/src beside the repository. `evaluate` runs one nix-instantiate for any
 number of flakes (tests/support/upstream/eval.nix) and returns the values mariner relies on.
+Outside pytest too (the real-VM tier's host evaluates the flakes it boots): pytest is imported
+only by `upstream_src`.
 """
 
 from __future__ import annotations
@@ -11,15 +13,13 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
-from support.tools import SHARED, require_tool
-
 HERE = Path(__file__).resolve().parent / "upstream"
 EVAL_NIX = HERE / "eval.nix"
+SHARED = HERE.parent.parent.parent.parent / "shared"
 
 # The revisions a real build of a mariner VM uses (nix-mariner pins microvm.nix in its lock).
 PINS = {
@@ -42,50 +42,71 @@ def how_to_get_sources(directory: Path) -> str:
             f"or point MARINER_UPSTREAM_SRC at a directory holding them")
 
 
-def upstream_src() -> Path:
-    """The pinned sources. Missing: a failure under CI (CI=true), else a skip that says how
-    to get them (the one skip the suite allows: a developer's checkout may lack ../shared)."""
+class SourcesMissing(Exception):
+    """The pinned sources are not where MARINER_UPSTREAM_SRC or ../shared says."""
+
+
+def locate_src() -> Path:
+    """The pinned sources, or SourcesMissing saying how to get them."""
     env = os.environ.get("MARINER_UPSTREAM_SRC")
     src = Path(env).absolute() if env else SHARED / "upstream" / "src"
     missing = [m for m in _MARKERS if not (src / m).exists()]
     if missing:
-        message = (f"the pinned nix-mariner/microvm.nix/nixpkgs-lib sources are not in {src} "
-                   f"(no {missing[0]}): {how_to_get_sources(src)}")
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        raise SourcesMissing(f"the pinned nix-mariner/microvm.nix/nixpkgs-lib sources are not "
+                             f"in {src} (no {missing[0]}): {how_to_get_sources(src)}")
     lock = json.loads((src / "nix-mariner" / "flake.lock").read_text())
     pinned = lock["nodes"]["microvm"]["locked"]["rev"]
-    assert pinned == PINS["microvm.nix"][1], (
-        f"{src}/nix-mariner is not the pinned revision {PINS['nix-mariner'][1]}: its lock pins "
-        f"microvm.nix {pinned}")
+    if pinned != PINS["microvm.nix"][1]:
+        raise SourcesMissing(f"{src}/nix-mariner is not the pinned revision "
+                             f"{PINS['nix-mariner'][1]}: its lock pins microvm.nix {pinned}")
     return src
+
+
+def upstream_src() -> Path:
+    """The pinned sources, for a test. Missing: a failure under CI (CI=true), else a skip
+    that says how to get them (the one skip the suite allows: a checkout may lack ../shared)."""
+    import pytest
+
+    try:
+        return locate_src()
+    except SourcesMissing as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
 
 
 def nix_string(value: str) -> str:
     return json.dumps(value).replace("${", "\\${")
 
 
-def evaluate(flakes: dict[str, Path], system: str = "x86_64-linux") -> dict[str, dict]:
+class EvaluationFailed(AssertionError):
+    """nix-instantiate rejected a flake: the message carries its error."""
+
+
+def evaluate(flakes: dict[str, Path], system: str = "x86_64-linux",
+             src: Path | None = None) -> dict[str, dict]:
     """Evaluate rendered flake directories (name -> directory) in one nix-instantiate call."""
-    src = upstream_src()
-    nix = require_tool("nix-instantiate")
+    src = src or upstream_src()
+    nix = shutil.which("nix-instantiate")
+    if nix is None:
+        raise EvaluationFailed("nix-instantiate is not installed (Debian: nix-bin)")
     attrs = " ".join(f"{nix_string(name)} = /. + {nix_string(str(Path(d).absolute()))};"
                      for name, d in flakes.items())
     expr = (f"import (/. + {nix_string(str(EVAL_NIX))}) {{ src = /. + {nix_string(str(src))}; "
             f"system = {nix_string(system)}; flakes = {{ {attrs} }}; }}")
     proc = subprocess.run([nix, "--eval", "--strict", "--json", "-E", expr],
                           capture_output=True, text=True)
-    assert proc.returncode == 0, (
-        f"evaluating {sorted(flakes)} through the real modules failed:\n{_stderr(proc.stderr)}")
+    if proc.returncode != 0:
+        raise EvaluationFailed(f"evaluating {sorted(flakes)} through the real modules "
+                               f"failed:\n{_stderr(proc.stderr)}")
     results = json.loads(proc.stdout)
     for result in results.values():
         result["virtiofsd"] = virtiofsd_commands(result.pop("virtiofsdRun"))
     return results
 
 
-def evaluate_one(directory: Path) -> dict:
-    return evaluate({"vm": directory})["vm"]
+def evaluate_one(directory: Path, src: Path | None = None) -> dict:
+    return evaluate({"vm": directory}, src=src)["vm"]
 
 
 def _stderr(text: str) -> str:
