@@ -25,6 +25,10 @@ class MarinerError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def json_fields(self) -> dict:
+        """Fields this error adds to a --json failure document (beyond message and hint)."""
+        return {}
+
 
 @dataclass(frozen=True)
 class ConfigProblem:
@@ -63,6 +67,11 @@ class ConfigError(MarinerError):
             message = "\n".join(str(p) for p in self.problems)
         super().__init__(message, hint=hint)
 
+    def json_fields(self) -> dict:
+        errors = [p.as_dict() for p in self.problems] or [
+            {"file": None, "line": None, "column": None, "key": "", "message": self.message}]
+        return {"errors": errors}
+
 
 class UsageError(MarinerError):
     exit_code = EXIT_USAGE
@@ -77,6 +86,14 @@ class HostError(MarinerError):
         self.argv = argv or []
         self.stderr_tail = stderr_tail
         self.returncode = returncode
+
+
+class HostUnavailable(HostError):
+    """The selected host backend cannot work on this machine (no `microvm` command, no systemd,
+    no microvm@ unit, ...): raised before the first host command, with the next step."""
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message, hint=hint or "run `mariner doctor` to see what this host lacks")
 
 
 class StateError(MarinerError):

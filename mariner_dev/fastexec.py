@@ -395,6 +395,21 @@ def print_error(exc: "MarinerError") -> None:
         sys.stderr.write(f"  hint: {exc.hint}\n")
 
 
+REPORT_BUG = ("this is a bug in mariner: please report it to the mariner project's issue "
+              "tracker with the command you ran; MARINER_DEBUG=1 shows the traceback")
+
+
+def print_internal_error(exc: BaseException) -> None:
+    """The last resort for an exception that is not a MarinerError (a bug): one line naming it,
+    where to report it, and how to see the traceback (MARINER_DEBUG=1 prints it first)."""
+    if os.environ.get("MARINER_DEBUG") == "1":
+        import traceback
+
+        traceback.print_exception(exc)
+    what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    sys.stderr.write(f"mariner: error: internal error ({what})\n  hint: {REPORT_BUG}\n")
+
+
 def _as_mariner_error(exc: BaseException):
     """`exc` if it is a MarinerError. mariner_dev.errors imports dataclasses, so the fast path
     only looks at it when something was raised (it is loaded by whoever raised one)."""
@@ -411,7 +426,8 @@ def main(argv: list[str]) -> int:
         return 0
     except Exception as exc:
         if _as_mariner_error(exc) is None:
-            raise
+            print_internal_error(exc)
+            return 125
         print_error(exc)
         return exc.exit_code
     try:
@@ -420,7 +436,8 @@ def main(argv: list[str]) -> int:
         return 130
     except Exception as exc:
         if _as_mariner_error(exc) is None:
-            raise
+            print_internal_error(exc)
+            return 125
         print_error(exc)
         # exec passes statuses through, so its own failures are 125 unless it is bad usage.
         return exc.exit_code if exc.exit_code == 2 else 125

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import paths
-from .errors import GuestUnreachable, HostError, MarinerError, OwnershipError
+from .errors import GuestUnreachable, HostError, HostUnavailable, MarinerError, OwnershipError
 from .fsutil import LockBusy, file_lock
 from .host.backend import HostBackend, HostVmStatus
 from .model import ProjectConfig
@@ -22,6 +22,8 @@ from .state import Registry, VmRecord, stop_attached, vm_lock_file
 Progress = Callable[[str], None]
 
 STATES = ("absent", "stopped", "starting", "running", "failed")
+# What status and list say when the host cannot be asked (HostBackend.preflight failed).
+UNKNOWN = "unknown"
 
 
 def _noop(_: str) -> None:
@@ -114,6 +116,7 @@ def up(cfg: ProjectConfig, *, timeout: float = 180.0, restart: bool = True,
     from .project import render_for
 
     backend = backend or default_backend()
+    backend.preflight()  # before anything is reserved: a host that cannot run VMs claims no name
     registry = Registry()
     with VmLock(cfg.name, wait=wait_lock, progress=progress):
         progress("checking the configuration")
@@ -281,6 +284,7 @@ def down(cfg: ProjectConfig, *, backend: HostBackend | None = None,
     with VmLock(cfg.name, wait=wait_lock, progress=progress):
         if _owned_record(cfg, registry, "stop", foreign_ok=False) is None:
             return False
+        backend.preflight()
         _stop_agent(cfg.name)
         stop_attached(cfg.name)
         if backend.status(cfg.name).unit == "inactive":
@@ -301,6 +305,7 @@ def destroy(cfg: ProjectConfig, *, backend: HostBackend | None = None,
     with VmLock(cfg.name, wait=False, progress=progress):
         if _owned_record(cfg, registry, "destroy", foreign_ok=False) is None:
             return False
+        backend.preflight()
         _stop_agent(cfg.name)
         stop_attached(cfg.name)
         progress(f"destroying VM {cfg.name}")
@@ -331,6 +336,8 @@ class VmStatus:
     forwards: list[dict] = field(default_factory=list)
     agent: bool = False
     notes: list[str] = field(default_factory=list)
+    # Set when the host could not be asked (state "unknown"): what stopped it, and the next step.
+    host_error: HostUnavailable | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
         return {"name": self.name, "state": self.state, "project": self.project,
@@ -388,6 +395,14 @@ def status(cfg: ProjectConfig, *, backend: HostBackend | None = None) -> VmStatu
 
     backend = backend or default_backend()
     record = _owned_record(cfg, Registry())
+    try:
+        backend.preflight()
+    except HostUnavailable as exc:
+        known = dict(cid=record.cid, ssh_port=record.ssh_port,
+                     address=record.ssh_endpoint[0]) if record else {}
+        return VmStatus(name=cfg.name, state=UNKNOWN, managed=record is not None,
+                        project=record.project if record else str(cfg.project_dir),
+                        host_error=exc, **known)
     host = backend.status(cfg.name)
     if record is None:
         state = "absent" if not host.exists else _state_of(host, None)
@@ -441,12 +456,20 @@ def _held_forwards(cfg: ProjectConfig, record: VmRecord, agent: bool) -> tuple[l
     return held, notes
 
 
-def list_vms(*, backend: HostBackend | None = None) -> list[VmStatus]:
-    """Every VM mariner knows on this host, plus the host's VMs it did not create."""
+def list_vms(*, backend: HostBackend | None = None) -> tuple[list[VmStatus], HostUnavailable | None]:
+    """Every VM mariner knows on this host, plus the host's VMs it did not create. When the
+    host cannot be asked: mariner's own VMs in state "unknown", and why."""
     from . import remote
 
     backend = backend or default_backend()
     records = Registry().load()
+    try:
+        backend.preflight()
+    except HostUnavailable as exc:
+        return [VmStatus(name=name, state=UNKNOWN, project=record.project, managed=True,
+                         cid=record.cid, ssh_port=record.ssh_port,
+                         address=record.ssh_endpoint[0])
+                for name, record in sorted(records.items())], exc
     host_names = backend.list_vms()
     names = sorted(set(records) | set(host_names))
     statuses = backend.statuses(names)
@@ -464,5 +487,5 @@ def list_vms(*, backend: HostBackend | None = None) -> list[VmStatus]:
                             uptime=host.uptime if host.running else None,
                             agent=host.running and remote.agent_running(name),
                             restart_pending=record.restart_pending))
-    return out
+    return out, None
 

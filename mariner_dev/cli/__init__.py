@@ -49,17 +49,30 @@ def _click_exception_types():
     return typer.Exit, typer.Abort, ClickException
 
 
+def _json_requested(argv: list[str]) -> bool:
+    """`--json` among mariner's own arguments (not in a command after `--`)."""
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    return "--json" in own
+
+
 def run_app(argv: list[str]) -> int:
-    from ..errors import MarinerError
-    from .app import print_error
+    from ..errors import EXIT_USAGE, MarinerError, UsageError
+    from .app import STATE, emit_error, print_error
 
     app = load_app()
+    STATE.reset()  # one invocation, one state (tests run several in one process)
     exit_type, abort_type, click_exception = _click_exception_types()
+
+    def fail(exc: MarinerError) -> int:
+        if STATE.json or _json_requested(argv):
+            emit_error(exc)
+        print_error(exc)
+        return exc.exit_code
+
     try:
         result = app(args=argv, prog_name="mariner", standalone_mode=False)
     except MarinerError as exc:
-        print_error(exc)
-        return exc.exit_code
+        return fail(exc)
     except exit_type as exc:
         return exc.exit_code
     except abort_type:
@@ -69,6 +82,17 @@ def run_app(argv: list[str]) -> int:
         print("Interrupted.", file=sys.stderr)
         return 130
     except click_exception as exc:
+        if STATE.json or _json_requested(argv):
+            emit_error(UsageError(exc.format_message(), exit_code=exc.exit_code or EXIT_USAGE,
+                                  hint="`mariner help COMMAND` shows its options"))
         exc.show()
         return exc.exit_code
+    except Exception as exc:  # the last resort: a bug, never a traceback on the terminal
+        from ..fastexec import print_internal_error
+
+        if STATE.json or _json_requested(argv):
+            what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            emit_error(MarinerError(f"internal error ({what})"))
+        print_internal_error(exc)
+        return 1
     return result if isinstance(result, int) else 0

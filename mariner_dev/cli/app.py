@@ -48,7 +48,11 @@ class AppContext:
     verbose: int = 0
     json: bool = False
     project: Path | None = None
+    emitted: bool = False  # this invocation's JSON document is out (there is only one)
     _stderr: Any = field(default=None, repr=False)
+
+    def reset(self) -> None:
+        self.verbose, self.json, self.project, self.emitted = 0, False, None, False
 
     @property
     def err(self):
@@ -69,8 +73,8 @@ class AppContext:
         return load_project(project_dir=self.project) if self.project else load_project()
 
     def emit_json(self, data: dict) -> None:
-        sys.stdout.write(json.dumps(data, sort_keys=False) + "\n")
-        sys.stdout.flush()
+        """Print this invocation's one JSON document (see emit_json below)."""
+        emit_json(data)
 
     def info(self, message: str) -> None:
         if not self.json:
@@ -78,6 +82,35 @@ class AppContext:
 
 
 STATE = AppContext()
+
+#: The version of the --json document format; it changes only when a field changes meaning or
+#: goes away (new fields may appear in any version).
+JSON_FORMAT_VERSION = 1
+
+
+def emit_json(data: dict, *, outcome: str = "success") -> None:
+    """Print the one JSON document of a --json command on stdout: `version` and `outcome`
+    first, then `data` (whose own "outcome" wins). A second call is a bug, refused."""
+    if STATE.emitted:
+        raise RuntimeError("a --json command printed a second JSON document")
+    document = {"version": JSON_FORMAT_VERSION, "outcome": data.get("outcome", outcome)}
+    document.update((k, v) for k, v in data.items() if k not in ("version", "outcome"))
+    STATE.emitted = True
+    sys.stdout.write(json.dumps(document, sort_keys=False) + "\n")
+    sys.stdout.flush()
+
+
+def error_document(exc: MarinerError, **data: Any) -> dict:
+    """The --json document of a failure: what the command knows (`data`), then `message`,
+    `hint`, `exit_code` and the error's own fields (a ConfigError's `errors[]`)."""
+    return {"outcome": "error", **data, "message": exc.message, "hint": exc.hint,
+            "exit_code": exc.exit_code, **exc.json_fields()}
+
+
+def emit_error(exc: MarinerError, **data: Any) -> None:
+    """Print the failure document for `exc` unless this invocation already printed one."""
+    if not STATE.emitted:
+        emit_json(error_document(exc, **data))
 
 
 def context(project: Path | None = None, json_output: bool = False) -> AppContext:

@@ -27,7 +27,13 @@ def doctor(project: ProjectOpt = None, json_output: JsonOpt = False) -> int:
     mode = network.mode if network else None
     report = run_doctor(network_mode=mode, dns=network.dns if network else None)
     if json_output:
-        ctx.emit_json(report.to_json())
+        data = report.to_json()
+        if not report.ok:
+            failed = ", ".join(c.name for c in report.checks if c.required and c.status == "fail")
+            data = {"outcome": "error", **data, "message": f"not ready: {failed} failed",
+                    "hint": "each failed check's `fix` says what to do",
+                    "exit_code": report.exit_code}
+        ctx.emit_json(data)
     else:
         _print_table(report, mode)
     return report.exit_code

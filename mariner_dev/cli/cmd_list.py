@@ -4,18 +4,28 @@ from .app import JsonOpt, app, context
 
 
 @app.command("list")
-def list_(json_output: JsonOpt = False) -> None:
+def list_(json_output: JsonOpt = False) -> int:
     """List every VM on this host: mariner's, with their projects, and any others."""
     from .. import lifecycle
+    from .app import emit_error, print_error
 
     ctx = context(None, json_output)
-    vms = lifecycle.list_vms()
+    vms, host_error = lifecycle.list_vms()
     if json_output:
-        ctx.emit_json({"vms": [vm.to_json() for vm in vms]})
-        return
-    if not vms:
+        data = {"vms": [vm.to_json() for vm in vms]}
+        emit_error(host_error, **data) if host_error else ctx.emit_json(data)
+    elif not vms and not host_error:
         ctx.err.print("No VMs. `mariner up` in a project creates one.")
-        return
+    elif vms:
+        _print_table(vms)
+    if host_error:  # mariner's own VMs were listed, in state "unknown"
+        if not json_output:
+            print_error(host_error)
+        return 1
+    return 0
+
+
+def _print_table(vms) -> None:
     from rich.console import Console
     from rich.table import Table
 

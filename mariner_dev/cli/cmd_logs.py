@@ -28,6 +28,7 @@ def logs(
         raise OwnershipError(f"VM {cfg.name!r} belongs to the project {record.project}",
                              exit_code=2)
     backend = default_backend()
+    backend.preflight()
     try:
         for line in backend.logs(cfg.name, follow=follow, lines=lines):
             sys.stdout.write(line if line.endswith("\n") else line + "\n")

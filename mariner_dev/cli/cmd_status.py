@@ -27,15 +27,29 @@ def _forward_line(forward: dict) -> str:
 
 
 @app.command("status")
-def status(project: ProjectOpt = None, json_output: JsonOpt = False) -> None:
+def status(project: ProjectOpt = None, json_output: JsonOpt = False) -> int:
     """Show this project's VM: state, whether its config changed since it was built, address."""
     from .. import lifecycle
+
+    from .app import emit_error, print_error
 
     ctx = context(project, json_output)
     result = lifecycle.status(ctx.load())
     if json_output:
-        ctx.emit_json(result.to_json())
-        return
+        if result.host_error:
+            emit_error(result.host_error, **result.to_json())
+        else:
+            ctx.emit_json(result.to_json())
+    else:
+        _print_status(result)
+    if result.host_error:  # what mariner knows is shown; the host's state is not
+        if not json_output:
+            print_error(result.host_error)
+        return 1
+    return 0
+
+
+def _print_status(result) -> None:
     state = result.state + (" (outdated)" if result.outdated else "")
     lines = [f"name:     {result.name}", f"state:    {state}"]
     if result.outdated:

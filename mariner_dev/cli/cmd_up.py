@@ -19,7 +19,7 @@ def up(
 ) -> None:
     """Create, update and start this project's VM; wait for SSH; sync dotfiles; run hooks."""
     from .. import lifecycle
-    from ..errors import MarinerError
+    from .app import emit_error
     from .progress import PhaseDisplay
 
     ctx = context(project, json_output)
@@ -29,14 +29,8 @@ def up(
             result = lifecycle.up(cfg, timeout=timeout, restart=not no_restart,
                                   wait_lock=not fail_if_locked, progress=progress)
     except lifecycle.HookFailed as exc:
-        if json_output:
-            ctx.emit_json(exc.result.to_json())
-            raise typer.Exit(1) from None
-        raise
-    except MarinerError as exc:
-        if json_output:
-            ctx.emit_json({"outcome": "error", "message": str(exc)})
-            raise typer.Exit(exc.exit_code) from None
+        if json_output:  # the failure document also says where the running VM is
+            emit_error(exc, **exc.result.to_json())
         raise
     if json_output:
         ctx.emit_json(result.to_json())

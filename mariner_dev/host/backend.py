@@ -75,6 +75,21 @@ class HostBackend(ABC):
     #: a short name for messages and `doctor`
     name = "host"
 
+    _usable: bool = False
+
+    def check_usable(self) -> None:
+        """Raise HostUnavailable, one line naming what this machine lacks for this backend
+        (its hint: the next step, `mariner doctor` by default), when the backend cannot work
+        here. Cheap: at most a command or two. The default checks nothing."""
+
+    def preflight(self) -> None:
+        """check_usable() once per backend object. Everything above `host/` calls this before
+        a backend's first host command, so a host that is not ready gets one clear line
+        instead of a failed `systemctl` or `microvm` call."""
+        if not self._usable:
+            self.check_usable()
+            self._usable = True
+
     @abstractmethod
     def create(self, name: str, flake_dir: Path, *, timeout: float | None = None) -> None:
         """Build the VM `name` from the flake in the absolute directory `flake_dir` and register it.

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .. import paths
-from ..errors import HostError
+from ..errors import HostError, HostUnavailable
 from . import commands
 from .backend import HostBackend, HostVmStatus, check_vm_name
 from .nixerror import NixBuildError, explain_build_error, option_config_key
@@ -91,6 +91,36 @@ class MicrovmHost(HostBackend):
 
     def vm_dir(self, name: str) -> Path:
         return self.microvms_dir / check_vm_name(name)
+
+    # An instance name for asking systemd whether the microvm@ template is installed: an
+    # instance of an installed template loads ("loaded"), a template cannot be asked directly.
+    _PROBE_UNIT = "microvm@mariner-preflight.service"
+
+    def check_usable(self) -> None:
+        """The `microvm` command, a running systemd and the microvm@ unit, in that order:
+        the first one missing is what the user hears about."""
+        import shutil
+
+        if shutil.which("microvm") is None:
+            raise HostUnavailable(
+                "this host has no `microvm` command: the microvm backend needs a NixOS host "
+                "with the microvm.nix host module (microvm.nixosModules.host)")
+        if shutil.which("systemctl") is None:
+            raise HostUnavailable("this host has no systemd (`systemctl` is not on PATH): the "
+                                  "microvm backend runs each VM as the unit microvm@NAME")
+        result = commands.run("systemctl", ["show", "--property=LoadState", self._PROBE_UNIT],
+                            ok_codes=None, timeout=15)
+        if result.returncode != 0:
+            detail = commands.tail_lines(result.stderr or result.stdout, 1) or \
+                f"exit status {result.returncode}"
+            raise HostUnavailable(f"systemd is not running on this host ({detail}): the "
+                                  f"microvm backend runs each VM as the unit microvm@NAME")
+        load_state = _parse_show(result.stdout)[0].get("LoadState", "") if result.stdout.strip() \
+            else ""
+        if load_state != "loaded":
+            raise HostUnavailable(
+                "systemd has no microvm@ unit: enable the microvm.nix host module "
+                "(microvm.nixosModules.host) in this host's NixOS configuration")
 
     # -- building -------------------------------------------------------------------------
 

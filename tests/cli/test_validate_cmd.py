@@ -20,7 +20,8 @@ def test_valid_json_is_exactly_valid_and_config(run_cli, tmp_path):
     assert code == 0 and err == ""
     assert out.count("\n") == 1            # one JSON object on one line
     data = json.loads(out)
-    assert list(data) == ["valid", "config"] and data["valid"] is True
+    assert list(data) == ["version", "outcome", "valid", "config"] and data["valid"] is True
+    assert data["version"] == 1 and data["outcome"] == "success"
     assert data["config"] == load_project(project_dir=project).to_json()
     assert data["config"]["vm"]["cpus"] == 3 and data["config"]["vm"]["name"] == "api"
 
@@ -37,7 +38,9 @@ def test_invalid_json_shape(run_cli, tmp_path):
     code, out, err = run_cli("validate", "--json", cwd=project)
     assert code == 2 and "Traceback" not in err
     data = json.loads(out)
-    assert list(data) == ["valid", "errors"] and data["valid"] is False
+    assert list(data) == ["version", "outcome", "valid", "message", "hint", "exit_code",
+                          "errors"] and data["valid"] is False
+    assert data["outcome"] == "error" and data["exit_code"] == 2
     assert data["errors"] == [
         {"file": str(project / "mariner.toml"), "line": 2, "column": 8, "key": "vm.cpus",
          "message": "0 is below the minimum 1"},

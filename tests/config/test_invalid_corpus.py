@@ -103,7 +103,8 @@ def test_invalid_file(case, isolated_env, run_cli, host_log):
     assert code == 2
     assert "Traceback" not in err
     data = json.loads(out)
-    assert set(data) == {"valid", "errors"} and data["valid"] is False
+    assert set(data) == {"version", "outcome", "valid", "message", "hint", "exit_code",
+                         "errors"} and data["valid"] is False
     assert all(set(e) == {"file", "line", "column", "key", "message"} for e in data["errors"])
     got = sorted((e["file"], e["key"], e["line"], e["column"]) for e in data["errors"])
     want = sorted((str(bad_file), x.key, x.line, x.column) for x in case.expects)

@@ -55,8 +55,14 @@ def test_exit_code_follows_required_failures_only():
 def test_cli_json_on_this_machine(run_cli):
     code, out, err = run_cli("doctor", "--json")
     data = json.loads(out)
-    assert set(data) == {"ok", "checks"}
-    assert code == (0 if data["ok"] else 1)
+    assert data["version"] == 1
+    if data["ok"]:
+        assert (set(data), data["outcome"], code) == ({"version", "outcome", "ok", "checks"},
+                                                      "success", 0)
+    else:
+        assert set(data) == {"version", "outcome", "ok", "checks", "message", "hint",
+                             "exit_code"}
+        assert (data["outcome"], data["exit_code"], code) == ("error", 1, 1)
     assert [c["name"] for c in data["checks"]] == NAMES
     for check in data["checks"]:
         assert set(check) == {"name", "status", "detail", "fix", "required"}
