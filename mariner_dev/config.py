@@ -75,8 +75,18 @@ def parse_size_mib(value: int | str) -> int | None:
 
 
 def safe_vm_name(raw: str) -> str:
-    """A name fit for a systemd unit and a hostname: [a-z0-9-], at most 63, stable."""
-    name = re.sub(r"[^a-z0-9]+", "-", raw.lower()).strip("-")
+    """A name fit for a systemd unit and a hostname: [a-z0-9-], at most 63, stable.
+
+    A name with letters beyond ASCII keeps what transliterates ("café" -> "cafe") and gets a
+    digest of the original, so that distinct directories ("数据", "日志", "cafe", "café")
+    never share a VM name."""
+    import unicodedata
+
+    ascii_form = unicodedata.normalize("NFKD", raw).encode("ascii", "ignore").decode()
+    name = re.sub(r"[^a-z0-9]+", "-", ascii_form.lower()).strip("-")
+    if not raw.isascii() and any(c.isalnum() for c in raw):
+        digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
+        return f"{name[:54].rstrip('-') or 'project'}-{digest}"
     if len(name) > 63:
         digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
         name = name[:54].rstrip("-") + "-" + digest
@@ -171,6 +181,8 @@ def _read(file: Path, problems: _Problems) -> _Source | None:
         problems.items.append(ConfigProblem(str(file), line, col, "",
                                             f"not UTF-8 text (byte {exc.start})"))
         return None
+    # A UTF-8 byte order mark (some Windows editors write one) is not TOML's business.
+    text = text.removeprefix("\ufeff")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -236,17 +248,11 @@ def load_project(start: Path | None = None, *, project_dir: Path | None = None,
 
     if config_file is None:
         if project_dir is not None:
+            # -C DIR finds the project exactly as running from DIR does: DIR or a parent.
             directory = Path(project_dir).absolute()
-            config_file = directory / CONFIG_NAME
             if not directory.is_dir():
                 raise ConfigError(f"{directory} is not a directory (given with -C/--project)")
-            if config_file.exists() or config_file.is_symlink():
-                if reason := _not_a_file(config_file):
-                    raise ConfigError(f"{reason}; mariner reads its configuration from a "
-                                      f"{CONFIG_NAME} file")
-            else:
-                raise ConfigError(f"no {CONFIG_NAME} in {directory}; "
-                                  f"run `mariner init` there to create one")
+            config_file = find_config(directory)
         else:
             config_file = find_config(start or Path.cwd())
     config_file = Path(config_file).absolute()

@@ -152,6 +152,95 @@ def _group_name(gid: int) -> str:
         return str(gid)
 
 
+OS_RELEASE = Path("/etc/os-release")
+
+
+def check_host_os(required: bool = True, os_release: Path = OS_RELEASE) -> Check:
+    """NixOS or not: the microvm.nix host module exists only in a NixOS configuration."""
+    fields: dict[str, str] = {}
+    try:
+        for line in os_release.read_text(errors="replace").splitlines():
+            key, sep, value = line.partition("=")
+            if sep:
+                fields[key.strip()] = value.strip().strip('"\'')
+    except OSError as exc:
+        return _verdict("host-os", required, False, f"cannot read {os_release}: {exc.strerror}",
+                        None)
+    name = fields.get("PRETTY_NAME") or fields.get("NAME") or "an unknown Linux"
+    if fields.get("ID") == "nixos":
+        return _verdict("host-os", required, True, f"{name}", None)
+    return _verdict("host-os", required, False,
+                    f"this host runs {name}, not NixOS: the microvm backend needs a NixOS host "
+                    f"with the microvm.nix host module",
+                    "run mariner on a NixOS host whose configuration imports the microvm.nix "
+                    "host module")
+
+
+def check_systemd(required: bool = True) -> Check:
+    """A running systemd that knows the microvm@ unit (each VM runs as microvm@NAME)."""
+    if shutil.which("systemctl") is None:
+        return _verdict("systemd", required, False, "this host has no systemd (no `systemctl` "
+                        "on PATH)", "the microvm backend needs a host booted with systemd")
+    from .host.microvm import MicrovmHost
+
+    result = _run("systemctl", ["show", "--property=LoadState", MicrovmHost._PROBE_UNIT])
+    if result is None or result.returncode != 0:
+        why = _last_line(result.stderr, result.stdout) if result is not None else "no systemctl"
+        return _verdict("systemd", required, False, f"systemd is not running on this host "
+                        f"({why})", "the microvm backend needs a host booted with systemd "
+                        "(in a container, systemd is usually not PID 1)")
+    if "LoadState=loaded" not in result.stdout:
+        return _verdict("systemd", required, False, "systemd runs, but it has no microvm@ unit",
+                        HOST_MODULE_FIX)
+    return _verdict("systemd", required, True, "systemd runs and has the microvm@ unit", None)
+
+
+def check_mariner_home(required: bool = True) -> Check:
+    """MARINER_HOME (registry, key, known_hosts, flakes): an absolute directory mariner can
+    write, or one it can create."""
+    from .errors import MarinerError
+
+    try:
+        home = paths.mariner_home()
+    except MarinerError as exc:
+        return _verdict("mariner-home", required, False, exc.message,
+                        "set MARINER_HOME to an absolute path, or unset it")
+    return _writable_dir("mariner-home", home, required,
+                         "point MARINER_HOME (or XDG_STATE_HOME) at a directory you can write, "
+                         "or unset it")
+
+
+def check_runtime_dir(required: bool = True) -> Check:
+    """Where the agents' sockets live: $XDG_RUNTIME_DIR/mariner or /tmp/mariner-<uid>."""
+    return _writable_dir("runtime-dir", paths.runtime_dir(), required,
+                         "point XDG_RUNTIME_DIR at your runtime directory (it must be absolute), "
+                         "or remove what is in the way")
+
+
+def _writable_dir(name: str, directory: Path, required: bool, fix: str) -> Check:
+    if directory.is_symlink() and not directory.exists():
+        return _verdict(name, required, False, f"{directory} is a dangling symlink", fix)
+    if directory.exists():
+        if not directory.is_dir():
+            return _verdict(name, required, False, f"{directory} is not a directory", fix)
+        if not os.access(directory, os.W_OK | os.X_OK):
+            return _verdict(name, required, False, f"{directory} is not writable", fix)
+        return _verdict(name, required, True, f"{directory}", None)
+    parent = directory.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return _verdict(name, required, False, f"{directory} cannot be created ({parent} is "
+                        f"{'not a directory' if not parent.is_dir() else 'not writable'})", fix)
+    return _verdict(name, required, True, f"{directory} (created when first needed)", None)
+
+
+def mariner_checks() -> list[Check]:
+    """The checks of mariner's own directories, whatever the backend."""
+    return [_guarded("mariner-home", True, check_mariner_home),
+            _guarded("runtime-dir", True, check_runtime_dir)]
+
+
 def check_microvm(required: bool = True) -> Check:
     found = shutil.which("microvm")
     if found:
@@ -496,8 +585,10 @@ def microvm_host_checks(network_mode: str | None = None) -> list[Check]:
     unless the project uses user-mode networking (`network_mode="user"`)."""
     bridge = network_mode != "user"
     plan: list[tuple[str, bool, Callable[[], Check]]] = [
+        ("host-os", True, check_host_os),
         ("kvm", True, check_kvm),
         ("microvm", True, check_microvm),
+        ("systemd", True, check_systemd),
         ("nix", True, check_nix),
         ("vhost-vsock", True, check_vhost_vsock),
         ("bridge", bridge, lambda: check_bridge(bridge)),
@@ -520,4 +611,4 @@ def run_doctor(backend=None, network_mode: str | None = None,
         backend = MicrovmHost()
     checks = backend.doctor_checks(network_mode)
     checks.append(_guarded("bridge-dns", False, lambda: check_bridge_dns(network_mode, dns)))
-    return DoctorReport(checks)
+    return DoctorReport(checks + mariner_checks())

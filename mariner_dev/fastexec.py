@@ -80,10 +80,11 @@ def _apply(opts: ExecOptions, name: str, value: str | None = None) -> None:
         raise _Help
     if name == "interactive":
         opts.interactive = True
-    elif name == "tty":
-        opts.tty = True
-    elif name == "no_tty":
-        opts.tty = False
+    elif name in ("tty", "no_tty"):
+        wanted = name == "tty"
+        if opts.tty is not None and opts.tty != wanted:
+            raise _usage_error("exec: -t/--tty and -T/--no-tty contradict each other; give one")
+        opts.tty = wanted
     elif name == "verbose":
         opts.verbose += 1
     elif name == "trust_new":
@@ -215,10 +216,8 @@ def guest_workdir(project_dirs: list[str], mount: str, workdir: str | None,
 
 
 def _find_config(project: str | None) -> str | None:
-    if project:
-        path = os.path.join(os.path.abspath(project), CONFIG_NAME)
-        return path if os.path.isfile(path) else None
-    directory = os.getcwd()
+    """The mariner.toml of -C DIR or of the current directory: there or in a parent."""
+    directory = os.path.abspath(project) if project else os.getcwd()
     while True:
         path = os.path.join(directory, CONFIG_NAME)
         if os.path.isfile(path):
@@ -307,8 +306,9 @@ def _resolve_slow(project: str | None) -> dict:
     cfg = load_project(project_dir=Path(project)) if project else load_project()
     registry = Registry()
     record = registry.get(cfg.name)
-    if record is None:
-        raise GuestUnreachable(f"VM {cfg.name} does not exist yet; run `mariner up`")
+    if record is None or not record.created:  # a render or a failed up registers, never builds
+        raise GuestUnreachable(f"VM {cfg.name} does not exist yet",
+                               hint="`mariner up` creates and starts it")
     target = target_for(cfg, record)
     dirs = [str(cfg.project_dir)]
     real = os.path.realpath(cfg.project_dir)
@@ -343,6 +343,11 @@ def _write_cache(path: str, data: dict) -> None:
         pass  # a cache that cannot be written (or data marshal refuses) only costs speed
 
 
+def _start_dir(opts: ExecOptions) -> str | None:
+    """Where the command runs from: -C DIR as if `cd DIR` came first, else the cwd."""
+    return os.path.abspath(opts.project) if opts.project else None
+
+
 def run(opts: ExecOptions, *, fds=(0, 1, 2)) -> int:
     """Run `opts.argv` in the project's VM; returns the status to exit with."""
     from .remote.command import ExecRequest, build_command
@@ -352,7 +357,8 @@ def run(opts: ExecOptions, *, fds=(0, 1, 2)) -> int:
     data = resolve_project(opts.project)
     target = CachedTarget(data["target"], data["fingerprint"])
     env = collect_env(data["env"], opts)
-    workdir = guest_workdir(data["project_dirs"], data["mount"], opts.workdir)
+    workdir = guest_workdir(data["project_dirs"], data["mount"], opts.workdir,
+                            cwd=_start_dir(opts))
     user = opts.user if opts.user and opts.user != target.user else None
     tty = want_tty(opts.tty)
     stdin = opts.interactive or tty or not os.isatty(0)
@@ -375,7 +381,7 @@ def run_shell(opts: ExecOptions, command: str | None = None) -> int:
     target = CachedTarget(data["target"], data["fingerprint"])
     user = opts.user if opts.user and opts.user != target.user else None
     remote = build_command(None, workdir=guest_workdir(data["project_dirs"], data["mount"],
-                                                       opts.workdir),
+                                                       opts.workdir, cwd=_start_dir(opts)),
                            env=collect_env(data["env"], opts), user=user,
                            shell_command=command, interactive=command is None)
     cols, rows = window_size(1)
@@ -400,14 +406,31 @@ REPORT_BUG = ("this is a bug in mariner: please report it to the mariner project
 
 
 def print_internal_error(exc: BaseException) -> None:
-    """The last resort for an exception that is not a MarinerError (a bug): one line naming it,
-    where to report it, and how to see the traceback (MARINER_DEBUG=1 prints it first)."""
+    """The last resort for an exception that is not a MarinerError: one line naming it and the
+    next step (MARINER_DEBUG=1 prints the traceback first). An OSError is about a file or
+    directory mariner could not use; anything else is a bug, and says where to report it."""
     if os.environ.get("MARINER_DEBUG") == "1":
         import traceback
 
         traceback.print_exception(exc)
+    sys.stderr.write(f"mariner: error: {unexpected_message(exc)}\n  hint: {unexpected_hint(exc)}\n")
+
+
+def unexpected_message(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        from .paths import describe_os_error
+
+        return describe_os_error(exc)
     what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    sys.stderr.write(f"mariner: error: internal error ({what})\n  hint: {REPORT_BUG}\n")
+    return f"internal error ({what})"
+
+
+def unexpected_hint(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        from .paths import DIRECTORY_HINT
+
+        return DIRECTORY_HINT + "; MARINER_DEBUG=1 shows where it happened"
+    return REPORT_BUG
 
 
 def _as_mariner_error(exc: BaseException):

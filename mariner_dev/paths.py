@@ -21,14 +21,33 @@ def _normalized(path: str) -> str:
     return root + "/".join(part for part in rest.split("/") if part and part != ".") or "."
 
 
+def xdg_dir(variable: str) -> str | None:
+    """An XDG base directory variable (`~` expanded) when it is an absolute path; None when
+    unset, empty or relative: the XDG Base Directory spec says a relative path is invalid and
+    must be ignored (else state, keys included, would land in whatever directory mariner runs
+    from, such as a project the VM can read)."""
+    value = os.path.expanduser(os.environ.get(variable) or "")
+    return value if os.path.isabs(value) else None
+
+
 def mariner_home() -> Path:
-    """MARINER_HOME, else $XDG_STATE_HOME/mariner, else ~/.local/state/mariner."""
+    """MARINER_HOME, else $XDG_STATE_HOME/mariner, else ~/.local/state/mariner.
+
+    A relative MARINER_HOME is refused (a UsageError), not resolved against the current
+    directory: the private key and the registry would follow the user from project to project."""
     from pathlib import Path
 
-    if os.environ.get("MARINER_HOME"):
-        return Path(os.environ["MARINER_HOME"]).expanduser().absolute()
-    xdg = os.environ.get("XDG_STATE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "state"
+    value = os.environ.get("MARINER_HOME")
+    if value:
+        home = os.path.expanduser(value)
+        if not os.path.isabs(home):
+            from .errors import UsageError
+
+            raise UsageError(f"MARINER_HOME={value!r} is a relative path; set it to an absolute "
+                             f"directory (or unset it for ~/.local/state/mariner)")
+        return Path(_normalized(home))
+    xdg = xdg_dir("XDG_STATE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "state"
     return (base / "mariner").absolute()
 
 
@@ -36,8 +55,8 @@ def user_config_file() -> Path:
     """The per-user config: $XDG_CONFIG_HOME/mariner/config.toml, else ~/.config/mariner/config.toml."""
     from pathlib import Path
 
-    xdg = os.environ.get("XDG_CONFIG_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".config"
+    xdg = xdg_dir("XDG_CONFIG_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".config"
     return base / "mariner" / "config.toml"
 
 
@@ -46,8 +65,8 @@ def user_config_file_str() -> str:
 
     The same file, except that where Path.home() raises (no $HOME and no password entry) this
     returns a path under `~` that does not exist."""
-    xdg = os.environ.get("XDG_CONFIG_HOME")
-    base = os.path.expanduser(xdg) if xdg else os.path.join(os.path.expanduser("~"), ".config")
+    xdg = xdg_dir("XDG_CONFIG_HOME")
+    base = xdg if xdg else os.path.join(os.path.expanduser("~"), ".config")
     return _normalized(os.path.join(base, "mariner", "config.toml"))
 
 
@@ -67,7 +86,7 @@ def runtime_dir() -> Path:
 
 def runtime_dir_str() -> str:
     """runtime_dir() as a string (normalized as str(runtime_dir()) is)."""
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    xdg = xdg_dir("XDG_RUNTIME_DIR")
     if xdg and os.path.isdir(xdg):
         return _normalized(os.path.join(xdg, "mariner"))
     return f"/tmp/mariner-{os.getuid()}"
@@ -97,7 +116,28 @@ def ssh_config_file() -> Path:
 
 
 def ensure_private_dir(path: Path) -> Path:
-    """Create a directory (and parents) readable only by the user."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
+    """Create a directory (and parents) readable only by the user. A path that cannot be one
+    (a file or a dangling symlink in the way, no permission) is a StateError naming it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)
+    except OSError as exc:
+        from .errors import StateError
+
+        raise StateError(f"cannot use {path} as a directory: {describe_os_error(exc)}",
+                         hint=DIRECTORY_HINT) from None
     return path
+
+
+DIRECTORY_HINT = ("MARINER_HOME, XDG_STATE_HOME and XDG_RUNTIME_DIR must name directories you "
+                  "can write (or be unset); `mariner doctor` checks them")
+
+
+def describe_os_error(exc: OSError) -> str:
+    """`Not a directory: /a/b` for an OSError, naming the path it is about when it has one."""
+    what = exc.strerror or str(exc)
+    if exc.errno == 17 and exc.filename and os.path.islink(exc.filename):  # EEXIST
+        what = "a dangling symlink is in the way"
+    if exc.filename and str(exc.filename) not in what:
+        what += f": {exc.filename}"
+    return what

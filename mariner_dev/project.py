@@ -116,22 +116,13 @@ class InitResult:
 
 
 def _template_support(template: str) -> list[str]:
-    """The project-relative paths a template's mariner.toml refers to (modules, share sources),
-    so that the new project validates as the example does."""
-    import tomllib
-
+    """The files a template comes with besides its mariner.toml (modules, share directories,
+    the Makefile its hooks run, ...), as paths relative to the template, files only: a new
+    project gets everything the template's config and hooks refer to."""
     root = examples_dir() / template
-    data = tomllib.loads((root / CONFIG_NAME).read_text())
-    refs = list(data.get("nix", {}).get("modules", []))
-    refs += [share.get("source", "") for share in data.get("shares", [])]
-    out = []
-    for ref in refs:
-        if not ref or ref.startswith(("/", "~")):
-            continue
-        source = (root / ref).resolve()
-        if source.is_relative_to(root.resolve()) and source.exists():
-            out.append(ref)
-    return out
+    return sorted(str(path.relative_to(root)) for path in root.rglob("*")
+                  if path.is_file() and not path.is_symlink() and path.name != CONFIG_NAME
+                  and "__pycache__" not in path.parts)
 
 
 def _copy_support(template: str, directory: Path) -> tuple[Path, ...]:
@@ -145,10 +136,7 @@ def _copy_support(template: str, directory: Path) -> tuple[Path, ...]:
         if target.exists() or target.is_symlink():
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target)
-        else:
-            shutil.copy2(source, target)
+        shutil.copy2(source, target)
         created.append(target)
     return tuple(created)
 
@@ -166,8 +154,15 @@ def init_project(directory: Path, template: str | None = None, force: bool = Fal
     text = init_text(directory, template)   # an unknown template is bad usage (2) first
     if target.exists() and not force:
         raise MarinerError(f"{target} already exists; use --force to overwrite it")
-    created = _copy_support(template, directory) if template else ()
-    write_atomic(target, text)
+    try:
+        created = _copy_support(template, directory) if template else ()
+        write_atomic(target, text)
+    except OSError as exc:
+        from .paths import describe_os_error
+
+        raise MarinerError(f"cannot write a project into {directory}: "
+                           f"{describe_os_error(exc)}",
+                           hint="run `mariner init` in a directory of yours") from None
     return InitResult(path=target, template=template, created=created)
 
 

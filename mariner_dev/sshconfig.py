@@ -154,16 +154,22 @@ def ensure_include(user_config: Path | None = None) -> str | None:
     if config.is_symlink():
         return instructions("is a symlink (managed by another tool, e.g. home-manager)")
     if not config.exists():
+        folder = config.parent
+        if folder.is_symlink() and not folder.exists():
+            return instructions(f"cannot be created ({folder} is a dangling symlink)")
+        if folder.exists() and not folder.is_dir():
+            return instructions(f"cannot be created ({folder} is not a directory)")
         try:
-            config.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(f"{INCLUDE_COMMENT}\n{line}\n")
         except FileExistsError:
-            return ensure_include(config)
+            pass  # created meanwhile (another mariner): read it below, like any existing one
         except OSError as exc:
             return instructions(f"cannot be created ({exc.strerror})")
-        return None
+        else:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{INCLUDE_COMMENT}\n{line}\n")
+            return None
     try:
         raw = config.read_bytes()
         text = raw.decode("utf-8")

@@ -61,8 +61,17 @@ class Registry:
             text = self.file.read_text()
         except FileNotFoundError:
             return {}
+        except OSError as exc:
+            raise StateError(f"cannot read mariner's registry: {paths.describe_os_error(exc)}",
+                             hint=paths.DIRECTORY_HINT) from None
         try:
             data = json.loads(text)
+            version = data.get("version", REGISTRY_VERSION) if isinstance(data, dict) else None
+            if isinstance(version, int) and version > REGISTRY_VERSION:
+                raise StateError(
+                    f"{self.file} was written by a newer mariner (registry version {version}; "
+                    f"this one reads version {REGISTRY_VERSION})",
+                    hint="use that newer mariner, or point MARINER_HOME elsewhere for this one")
             vms = data["vms"]
             return {name: VmRecord.from_json(rec) for name, rec in vms.items()}
         except (ValueError, KeyError, TypeError, AttributeError) as exc:

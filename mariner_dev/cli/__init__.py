@@ -88,11 +88,10 @@ def run_app(argv: list[str]) -> int:
         exc.show()
         return exc.exit_code
     except Exception as exc:  # the last resort: a bug, never a traceback on the terminal
-        from ..fastexec import print_internal_error
+        from ..fastexec import print_internal_error, unexpected_hint, unexpected_message
 
         if STATE.json or _json_requested(argv):
-            what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            emit_error(MarinerError(f"internal error ({what})"))
+            emit_error(MarinerError(unexpected_message(exc), hint=unexpected_hint(exc)))
         print_internal_error(exc)
         return 1
     return result if isinstance(result, int) else 0

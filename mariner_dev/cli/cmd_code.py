@@ -36,7 +36,9 @@ def code(
     advice = sshconfig.ensure_include()
     if advice:
         sys.stderr.write(advice + "\n")
-    where = str(Path(path).absolute()) if path is not None else os.getcwd()
+    # -C DIR: as if run from DIR
+    where = str(Path(path).absolute()) if path is not None else \
+        str(ctx.project.absolute()) if ctx.project else os.getcwd()
     dirs = [str(cfg.project_dir), os.path.realpath(cfg.project_dir)]
     argv = sshconfig.vscode_command(f"mariner-{cfg.name}",
                                     guest_workdir(dirs, cfg.workspace_mount, None, cwd=where))

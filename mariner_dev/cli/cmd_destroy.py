@@ -27,6 +27,7 @@ def destroy(
                              f"confirm with `mariner destroy --force`")
         if not typer.confirm(f"Destroy VM {cfg.name!r} and delete its volumes?", default=False,
                              err=True):
+            ctx.err.print("aborted: nothing was destroyed")
             raise typer.Exit(1)
     with PhaseDisplay(ctx.err) as progress:
         removed = lifecycle.destroy(cfg, progress=progress)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from .app import JsonOpt, ProjectOpt, app, context
 
 _STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red"}
@@ -34,9 +36,31 @@ def doctor(project: ProjectOpt = None, json_output: JsonOpt = False) -> int:
                     "hint": "each failed check's `fix` says what to do",
                     "exit_code": report.exit_code}
         ctx.emit_json(data)
-    else:
+    elif sys.stdout.isatty():
         _print_table(report, mode)
+    else:
+        _print_plain(report, mode)
     return report.exit_code
+
+
+def _verdict_line(report, mode: str | None) -> str:
+    failed = [c.name for c in report.checks if c.required and c.status == "fail"]
+    if not failed:
+        return "ready: every required check passed"
+    note = " (bridge checks are advisory: this project uses user networking)" if mode == "user" else ""
+    return f"not ready: {', '.join(failed)} failed{note}"
+
+
+def _print_plain(report, mode: str | None) -> None:
+    """`check: ok|warn|fail: detail` per line (and its fix, indented), for pipes and logs."""
+    lines = []
+    for check in report.checks:
+        advisory = "" if check.required or check.status == "ok" else " (advisory)"
+        lines.append(f"{check.name}: {check.status}{advisory}: {check.detail}")
+        if check.fix and check.status != "ok":
+            lines.append(f"  fix: {check.fix}")
+    lines.append(_verdict_line(report, mode))
+    sys.stdout.write("\n".join(lines) + "\n")
 
 
 def _print_table(report, mode: str | None) -> None:
@@ -57,9 +81,5 @@ def _print_table(report, mode: str | None) -> None:
         table.add_row(check.name, Text(label, style=_STYLE[check.status]), text)
     console = Console(highlight=False)
     console.print(table)
-    failed = [c.name for c in report.checks if c.required and c.status == "fail"]
-    if failed:
-        note = " (bridge checks are advisory: this project uses user networking)" if mode == "user" else ""
-        console.print(Text(f"not ready: {', '.join(failed)} failed{note}", style="bold red"))
-    else:
-        console.print(Text("ready: every required check passed", style="green"))
+    verdict = _verdict_line(report, mode)
+    console.print(Text(verdict, style="green" if verdict.startswith("ready") else "bold red"))

@@ -29,8 +29,11 @@ def exec_(
     project: ProjectOpt = None,
 ) -> None:
     """Run a command in the VM like `docker exec`, in the guest path of this directory."""
+    from ..errors import UsageError
     from ..fastexec import ExecOptions, run
 
+    if tty and no_tty:
+        raise UsageError("exec: -t/--tty and -T/--no-tty contradict each other; give one")
     opts = ExecOptions(
         argv=argv, interactive=interactive, tty=True if tty else (False if no_tty else None),
         env=env or [], env_files=[str(f) for f in env_file or []], workdir=workdir, user=user,

@@ -19,7 +19,7 @@ def logs(
 
     from ..lifecycle import default_backend
     from ..state import Registry
-    from ..errors import OwnershipError
+    from ..errors import MarinerError, OwnershipError
 
     ctx = context(project)
     cfg = ctx.load()
@@ -29,6 +29,9 @@ def logs(
                              exit_code=2)
     backend = default_backend()
     backend.preflight()
+    if not backend.exists(cfg.name):  # journalctl would say "-- No entries --" and wait
+        raise MarinerError(f"VM {cfg.name} does not exist on this host, so it has no log",
+                           hint="`mariner up` creates and starts it")
     try:
         for line in backend.logs(cfg.name, follow=follow, lines=lines):
             sys.stdout.write(line if line.endswith("\n") else line + "\n")

@@ -17,9 +17,9 @@ def load_vm(ctx):
 
     cfg = ctx.load()
     record = Registry().get(cfg.name)
-    if record is None:
-        raise GuestUnreachable(f"VM {cfg.name} does not exist yet; run `mariner up`",
-                               exit_code=1)
+    if record is None or not record.created:  # a render or a failed up registers, never builds
+        raise GuestUnreachable(f"VM {cfg.name} does not exist yet (nothing was written)",
+                               hint="`mariner up` creates and starts it", exit_code=1)
     return cfg, record
 
 

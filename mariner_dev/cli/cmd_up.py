@@ -11,7 +11,8 @@ from .app import JsonOpt, ProjectOpt, app, context
 def up(
     project: ProjectOpt = None,
     json_output: JsonOpt = False,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for SSH.")] = 180.0,
+    timeout: Annotated[float, typer.Option("--timeout", min=1, max=86400,
+                                           help="Seconds to wait for SSH.")] = 180.0,
     no_restart: Annotated[bool, typer.Option("--no-restart",
                           help="After a rebuild, leave a running VM on its old system.")] = False,
     fail_if_locked: Annotated[bool, typer.Option("--fail-if-locked",

@@ -16,7 +16,13 @@ def validate(project: ProjectOpt = None, json_output: JsonOpt = False) -> None:
         if json_output:
             emit_error(exc, valid=False)
         raise
+    from ..advisories import config_warnings
+
+    warnings = config_warnings(cfg)
     if json_output:
-        ctx.emit_json({"valid": True, "config": cfg.to_json()})
-    else:
-        ctx.err.print(f"{cfg.config_file}: valid (VM {cfg.name!r})")
+        ctx.emit_json({"valid": True, "config": cfg.to_json(),
+                       "warnings": [w.as_dict() for w in warnings]})
+        return
+    for warning in warnings:
+        ctx.err.print(f"mariner: warning: {warning}")
+    ctx.err.print(f"{cfg.config_file}: valid (VM {cfg.name!r})")

@@ -31,6 +31,19 @@ def agent_mode() -> str:
     return mode
 
 
+TRANSPORTS = ("auto", "tcp", "vsock")
+
+
+def transport_mode() -> str:
+    """MARINER_TRANSPORT=tcp|vsock|auto (default auto); anything else is bad usage."""
+    mode = os.environ.get("MARINER_TRANSPORT", "auto").strip().lower() or "auto"
+    if mode not in TRANSPORTS:
+        from ..errors import UsageError
+
+        raise UsageError(f"MARINER_TRANSPORT={mode!r} is not one of {', '.join(TRANSPORTS)}")
+    return mode
+
+
 def record_path(kind: str, verbose: bool = False, detail: str = "") -> None:
     debug_file = os.environ.get("MARINER_DEBUG_PATH_FILE")
     if debug_file:
@@ -48,6 +61,7 @@ def execute(target: "GuestTarget", request: "ExecRequest", *, fds=(0, 1, 2),
     from . import client
 
     mode = agent_mode()
+    transport_mode()  # a bad MARINER_TRANSPORT is refused before anything starts
     if trust_new:
         # Re-pin over a connection of our own; a running agent still trusts the old key.
         client.stop_agent(target.name)
@@ -132,6 +146,7 @@ def sync(target: "GuestTarget", request: dict, direct: "Callable[[], dict]", *,
     from . import client
 
     mode = agent_mode()
+    transport_mode()
     if mode != "off":
         result = _via_agent(target, mode, verbose, lambda: client.run_sync(
             target, request, on_ready=lambda: record_path("agent", verbose)),

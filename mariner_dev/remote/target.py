@@ -127,5 +127,6 @@ def vsock_reachable(target: GuestTarget, timeout: float = 1.0) -> bool:
 
 def transport_preference() -> str:
     """MARINER_TRANSPORT=tcp|vsock|auto (default auto: TCP when reachable, else vsock)."""
-    value = os.environ.get("MARINER_TRANSPORT", "auto").strip().lower()
-    return value if value in ("tcp", "vsock", "auto") else "auto"
+    from .dispatch import transport_mode
+
+    return transport_mode()

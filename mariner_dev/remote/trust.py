@@ -75,5 +75,6 @@ class HostKeyMismatch(GuestUnreachable):
 class NotPinned(GuestUnreachable):
     def __init__(self, name: str):
         super().__init__(
-            f"no host key is pinned for VM {name}; run `mariner up` (it pins the key on the "
-            f"first connection), or pass --trust-new-host-key")
+            f"VM {name} has not been started by `mariner up` yet (no host key is pinned)",
+            hint="`mariner up` starts it and pins its key on the first connection; "
+                 "--trust-new-host-key pins whatever key the VM shows now")

@@ -14,8 +14,9 @@ from mariner_dev import doctor
 from mariner_dev.doctor import Check, DoctorReport
 from support.fakehost import shell_command as tool
 
-NAMES = ["kvm", "microvm", "nix", "vhost-vsock", "bridge", "systemd-networkd", "sudo",
-         "state-dir", "bridge-firewall", "user-net-loopback", "bridge-dns"]
+NAMES = ["host-os", "kvm", "microvm", "systemd", "nix", "vhost-vsock", "bridge",
+         "systemd-networkd", "sudo", "state-dir", "bridge-firewall", "user-net-loopback",
+         "bridge-dns", "mariner-home", "runtime-dir"]
 
 
 @pytest.fixture
@@ -392,3 +393,70 @@ def test_cli_doctor_tells_the_project_dns(run_cli, tmp_path, dns_listener):
     _, out, _ = run_cli("doctor", "--json", cwd=project)
     checks = {c["name"]: c for c in json.loads(out)["checks"]}
     assert checks["bridge-dns"]["status"] == "ok"
+
+
+def test_cli_plain_lines_when_piped(run_cli):
+    # run_cli captures stdout: not a terminal, so no box-drawing table, one line per check
+    code, out, err = run_cli("doctor")
+    lines = [line for line in out.splitlines() if not line.startswith("  fix: ")]
+    assert [line.split(":", 1)[0] for line in lines[:-1]] == NAMES
+    for line in lines[:-1]:
+        name, status, detail = line.split(": ", 2)
+        assert status in ("ok", "warn", "fail", "warn (advisory)", "fail (advisory)"), line
+        assert detail
+    assert lines[-1].startswith("ready:" if code == 0 else "not ready:")
+    assert not any(c in out for c in "┃━│─┏")
+
+
+@pytest.mark.parametrize("text, status, words", [
+    ('NAME=NixOS\nID=nixos\nPRETTY_NAME="NixOS 24.11 (Vicuna)"\n', "ok", "NixOS 24.11"),
+    ('PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\n', "fail",
+     "this host runs Debian GNU/Linux 12 (bookworm), not NixOS"),
+])
+def test_host_os(tmp_path, text, status, words):
+    from mariner_dev.doctor import check_host_os
+
+    release = tmp_path / "os-release"
+    release.write_text(text)
+    check = check_host_os(os_release=release)
+    assert check.status == status and words in check.detail
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ('echo "Failed to connect to bus: Host is down" >&2; exit 1', "fail",
+     "systemd is not running on this host (Failed to connect to bus: Host is down)"),
+    ("echo LoadState=not-found", "fail", "no microvm@ unit"),
+    ("echo LoadState=loaded", "ok", "has the microvm@ unit"),
+])
+def test_systemd(tools, monkeypatch, body, status, words):
+    from mariner_dev.doctor import check_systemd
+
+    tool(tools, "systemctl", body)
+    check = check_systemd()
+    assert check.status == status and words in check.detail
+
+
+def test_no_systemctl_at_all(tmp_path, monkeypatch):
+    from mariner_dev.doctor import check_systemd
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    check = check_systemd()
+    assert check.status == "fail" and "this host has no systemd" in check.detail
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("file", "is not a directory"), ("dangling", "is a dangling symlink"),
+    ("relative", "is a relative path"), ("missing", "created when first needed"),
+])
+def test_mariner_home(tmp_path, monkeypatch, kind, words):
+    from mariner_dev.doctor import check_mariner_home
+
+    target = tmp_path / "home"
+    if kind == "file":
+        target.write_text("")
+    elif kind == "dangling":
+        target.symlink_to(tmp_path / "nowhere")
+    monkeypatch.setenv("MARINER_HOME", "rel/home" if kind == "relative" else str(target))
+    check = check_mariner_home()
+    assert words in check.detail
+    assert check.status == ("ok" if kind == "missing" else "fail")

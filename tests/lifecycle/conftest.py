@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from support.fakehost import fakehost  # noqa: F401  (fixture)
+from support.jsondoc import document
 from support.tools import REPO, require_tool
 
 FAKEHOST_BIN = REPO / "tests" / "fakehost" / "bin"
@@ -57,12 +58,11 @@ class Project:
 
     def up_json(self, *args: str, check: int | None = 0, env: dict | None = None) -> dict:
         proc = self.mariner("up", "--json", *args, check=check, env=env)
-        lines = proc.stdout.strip().splitlines()
-        assert len(lines) == 1, proc.stdout
-        return json.loads(lines[0])
+        return document("up", proc.stdout, proc.returncode)  # checked against its schema
 
     def status_json(self) -> dict:
-        return json.loads(self.mariner("status", "--json", check=0).stdout)
+        proc = self.mariner("status", "--json", check=0)
+        return document("status", proc.stdout, proc.returncode)
 
     def host_calls(self) -> list[list[str]]:
         """Every fake host command run so far: [prog, *argv]."""

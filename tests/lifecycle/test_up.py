@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from support.jsondoc import document
+
 
 
 def test_first_up_creates_boots_and_pins(project):
@@ -122,7 +124,7 @@ def test_list_shows_mariner_and_foreign_vms(project):
     foreign = Path(os.environ["MARINER_MICROVMS_DIR"]) / "handmade"
     foreign.mkdir()
     proc = project.mariner("list", "--json", check=0)
-    vms = {vm["name"]: vm for vm in json.loads(proc.stdout)["vms"]}
+    vms = {vm["name"]: vm for vm in document("list", proc.stdout, 0)["vms"]}
     assert vms[project.name]["project"] == str(project.dir)
     assert vms[project.name]["state"] == "running" and vms[project.name]["managed"]
     assert vms["handmade"]["managed"] is False and vms["handmade"]["project"] is None

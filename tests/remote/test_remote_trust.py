@@ -39,7 +39,7 @@ def test_unpinned_vm_is_refused(remote_isolation, guest):
     for mode in ("require", "off"):
         result = _exec(proj, "--", "true", mode=mode)
         assert result.returncode == 125
-        assert b"no host key is pinned" in result.stderr
+        assert b"has not been started by `mariner up` yet (no host key is pinned)" in result.stderr
     remote.stop_agent(proj.name)
 
 

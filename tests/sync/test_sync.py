@@ -10,6 +10,7 @@ import pytest
 
 from mariner_dev.sync import sync_once
 
+from support.jsondoc import document
 from sync_helpers import give_to_guest, snapshot, write
 
 
@@ -173,7 +174,6 @@ def test_a_file_that_became_a_directory_and_back(dotfiles, guest_root, home):
 
 
 def test_cli_sync_dry_run_json_and_errors(home, project, guest, run_cli):
-    import json
     import secrets
     import shutil
 
@@ -183,6 +183,9 @@ def test_cli_sync_dry_run_json_and_errors(home, project, guest, run_cli):
     p = project(f'files = ["~/{name}", "~/.ssh/id_ed25519"]\n')
     code, out, err = run_cli("sync", cwd=p.dir)
     assert code == 1 and "does not exist yet; run `mariner up`" in err
+    code, out, err = run_cli("sync", "--json", cwd=p.dir)
+    failure = document("sync", out, code)
+    assert code == 1 and "does not exist yet" in failure["message"]
     p.register()
     try:
         code, out, err = run_cli("sync", "--dry-run", cwd=p.dir)
@@ -195,7 +198,7 @@ def test_cli_sync_dry_run_json_and_errors(home, project, guest, run_cli):
         assert "refused ~/.ssh/id_ed25519" in err and "[dotfiles] allow" in err
         assert (guest.home / name / "a.conf").read_text() == "a\n"
         code, out, err = run_cli("sync", "--json", cwd=p.dir)
-        data = json.loads(out)
+        data = document("sync", out, code)
         assert code == 0 and data["changes"] == [] and data["bytes_sent"] == 0
         assert data["refused"][0]["path"] == "~/.ssh/id_ed25519"
     finally:
