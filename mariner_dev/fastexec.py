@@ -351,9 +351,10 @@ def _start_dir(opts: ExecOptions) -> str | None:
 def run(opts: ExecOptions, *, fds=(0, 1, 2)) -> int:
     """Run `opts.argv` in the project's VM; returns the status to exit with."""
     from .remote.command import ExecRequest, build_command
-    from .remote.dispatch import execute
+    from .remote.dispatch import execute, transport_mode
     from .remote.terminal import want_tty, window_size
 
+    transport_mode()  # bad usage (2) before anything else
     data = resolve_project(opts.project)
     target = CachedTarget(data["target"], data["fingerprint"])
     env = collect_env(data["env"], opts)
@@ -374,9 +375,10 @@ def run(opts: ExecOptions, *, fds=(0, 1, 2)) -> int:
 def run_shell(opts: ExecOptions, command: str | None = None) -> int:
     """An interactive login shell in the project's VM (or `command` in one), with a PTY."""
     from .remote.command import ExecRequest, build_command
-    from .remote.dispatch import execute
+    from .remote.dispatch import execute, transport_mode
     from .remote.terminal import window_size
 
+    transport_mode()
     data = resolve_project(opts.project)
     target = CachedTarget(data["target"], data["fingerprint"])
     user = opts.user if opts.user and opts.user != target.user else None

@@ -60,3 +60,23 @@ def test_wheel_installs_and_runs_from_a_fresh_venv(tmp_path):
     data = json.loads(_run([python, "-m", "mariner_dev", "validate", "--json"], env=env,
                            cwd=project).stdout)
     assert data["valid"] is True and data["config"]["docker_enable"] is True
+
+
+def test_readme_reads_top_to_bottom_for_a_newcomer():
+    """What mariner is and what the host needs, then install, quick start, commands, the
+    config, a host that is not ready, troubleshooting; development and tests last. Exactly two
+    set-up commands: install-and-run, and the whole test suite (which .ci/run calls)."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    sections = re.findall(r"^## (.+)$", readme, re.MULTILINE)
+    order = ["What your host needs first", "Install", "Quick start", "Commands",
+             "mariner.toml", "When the host is not ready", "Troubleshooting"]
+    positions = [sections.index(name) for name in order]
+    assert positions == sorted(positions), sections
+    assert sections[-1] == "Development and tests"
+    setup = re.findall(r"^```sh\n(.*?)^```", readme, re.MULTILINE | re.DOTALL)
+    assert setup == ["pipx install . && cd ~/src/myproject && mariner init && mariner up\n",
+                     "scripts/test\n"]
+    assert "not on a package index yet" in readme
+    assert "scripts/test" in (REPO / ".ci" / "run").read_text()

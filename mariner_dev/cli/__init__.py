@@ -10,17 +10,28 @@ import sys
 
 COMMAND_MODULES = (
     "init", "validate", "render", "up", "down", "destroy", "status", "list", "logs",
-    "exec", "shell", "ssh_config", "code", "sync", "forward", "doctor", "agent",
+    "exec", "shell", "ssh_config", "code", "sync", "forward", "doctor", "agent", "help",
 )
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "exec" and os.environ.get("MARINER_EXEC_VIA_TYPER") != "1":
+    if argv and argv[0] == "exec" and os.environ.get("MARINER_EXEC_VIA_TYPER") != "1" \
+            and not _asks_help(argv[1:]):  # one help style: exec's --help comes from typer too
         from ..fastexec import main as exec_main
 
         return exec_main(argv[1:])
     return run_app(argv)
+
+
+def _asks_help(args: list[str]) -> bool:
+    own = args[:args.index("--")] if "--" in args else args
+    for arg in own:
+        if arg in ("-h", "--help"):
+            return True
+        if not arg.startswith("-"):  # the command starts here; its -h is its own
+            return False
+    return False
 
 
 def load_app():
@@ -38,6 +49,20 @@ def load_app():
     return app
 
 
+def click_module():
+    """What mariner uses of the click that typer runs on (newer typers vendor a part of it as
+    typer._click): Context, get_current_context, echo."""
+    from types import SimpleNamespace
+
+    try:
+        from typer._click.core import Context
+        from typer._click.globals import get_current_context
+        from typer._click.utils import echo
+    except ImportError:
+        from click import Context, echo, get_current_context
+    return SimpleNamespace(Context=Context, echo=echo, get_current_context=get_current_context)
+
+
 def _click_exception_types():
     """(Exit, Abort, ClickException) of whichever click typer uses (newer typers vendor it)."""
     import typer
@@ -47,6 +72,29 @@ def _click_exception_types():
     except ImportError:
         from click.exceptions import ClickException
     return typer.Exit, typer.Abort, ClickException
+
+
+def _typer_command(app):
+    import typer.main
+
+    return typer.main.get_command(app)
+
+
+def _with_verbose(group):
+    """`-v/--verbose` on every command, not only before it (`mariner status -v`); exec and
+    shell keep their own -v (which also says which path served the call)."""
+    from typer.core import TyperOption
+
+    from .app import set_verbose
+
+    for command in group.commands.values():
+        if any("-v" in param.opts for param in command.params):
+            continue
+        command.params.append(TyperOption(
+            param_decls=["-v", "--verbose"], count=True, default=0, expose_value=False,
+            help="Show host commands and more detail (-vv: debug).",
+            callback=lambda ctx, param, value: set_verbose(value) if value else None))
+    return group
 
 
 def _json_requested(argv: list[str]) -> bool:
@@ -70,7 +118,8 @@ def run_app(argv: list[str]) -> int:
         return exc.exit_code
 
     try:
-        result = app(args=argv, prog_name="mariner", standalone_mode=False)
+        result = _with_verbose(_typer_command(app)).main(args=argv, prog_name="mariner",
+                                                         standalone_mode=False)
     except MarinerError as exc:
         return fail(exc)
     except exit_type as exc:

@@ -26,7 +26,9 @@ app = typer.Typer(
 ProjectOpt = Annotated[Optional[Path], typer.Option(
     "-C", "--project", help="Project directory (default: the one whose mariner.toml is in "
     "the current directory or a parent).", file_okay=False, show_default=False)]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, on "
+                                        "success and on failure (schema/<command>.output."
+                                        "schema.json).")]
 
 # Options that `exec` and `shell` share.
 EnvOpt = Annotated[Optional[List[str]], typer.Option("-e", "--env", help="K=V (repeatable).",
@@ -136,6 +138,31 @@ def _version(value: bool) -> None:
         raise typer.Exit(0)
 
 
+def set_verbose(count: int) -> None:
+    """-v (host commands) / -vv (debug), given before or after the command name."""
+    STATE.verbose += count
+    if STATE.verbose:
+        logging.basicConfig(level=logging.DEBUG if STATE.verbose > 1 else logging.INFO,
+                            format="mariner: %(message)s", stream=sys.stderr)
+        logging.getLogger("mariner").setLevel(logging.DEBUG)
+
+
+def complete_vm_names(incomplete: str) -> list[str]:
+    """Shell completion of VM names: the ones in mariner's registry."""
+    try:
+        from ..state import Registry
+
+        return [name for name in sorted(Registry().load()) if name.startswith(incomplete)]
+    except Exception:  # completion must never print a traceback into the shell
+        return []
+
+
+def complete_templates(incomplete: str) -> list[str]:
+    from ..project import templates
+
+    return [name for name in templates() if name.startswith(incomplete)]
+
+
 @app.callback()
 def root(
     verbose: Annotated[int, typer.Option("-v", "--verbose", count=True,
@@ -144,9 +171,5 @@ def root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Show the version and exit.")] = False,
 ) -> None:
-    STATE.verbose = verbose
     STATE.project = project
-    if verbose:
-        logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO,
-                            format="mariner: %(message)s", stream=sys.stderr)
-        logging.getLogger("mariner").setLevel(logging.DEBUG)
+    set_verbose(verbose)

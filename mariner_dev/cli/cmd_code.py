@@ -20,7 +20,13 @@ def code(
                                              "running it.")] = False,
     project: ProjectOpt = None,
 ) -> None:
-    """Open VS Code on the VM, making sure the ssh-config entry exists first."""
+    """Open VS Code on the VM, making sure the ssh-config entry exists first.
+
+    \b
+    Examples:
+      mariner code
+      mariner code src/
+    """
     import os
     import shutil
     import subprocess

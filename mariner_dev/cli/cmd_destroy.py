@@ -12,7 +12,13 @@ def destroy(
     project: ProjectOpt = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Do not ask for confirmation.")] = False,
 ) -> None:
-    """Remove this project's VM, its volumes, its ssh-config entry and pinned host key."""
+    """Remove this project's VM, its volumes, its ssh-config entry and pinned host key.
+
+    \b
+    Examples:
+      mariner destroy
+      mariner destroy --force
+    """
     import sys
 
     from .. import lifecycle

@@ -21,7 +21,13 @@ def _project_network(ctx):
 
 @app.command("doctor")
 def doctor(project: ProjectOpt = None, json_output: JsonOpt = False) -> int:
-    """Check that this host can run mariner's VMs, and what a VM could reach on it."""
+    """Check that this host can run mariner's VMs, and what a VM could reach on it.
+
+    \b
+    Examples:
+      mariner doctor
+      mariner doctor --json
+    """
     from ..doctor import run_doctor
 
     ctx = context(project, json_output)

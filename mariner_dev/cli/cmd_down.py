@@ -5,7 +5,12 @@ from .app import ProjectOpt, app, context
 
 @app.command("down")
 def down(project: ProjectOpt = None) -> None:
-    """Stop this project's VM (its disks are kept)."""
+    """Stop this project's VM (its disks are kept).
+
+    \b
+    Examples:
+      mariner down
+    """
     from .. import lifecycle
     from .progress import PhaseDisplay
 

@@ -14,7 +14,7 @@ from .app import (STATE, EnvFileOpt, EnvOpt, GuestVerboseOpt, ProjectOpt, TrustN
                                        "ignore_unknown_options": True})
 def exec_(
     argv: Annotated[List[str], typer.Argument(help="The command and its arguments (after --).",
-                                              show_default=False)],
+                                              metavar="-- CMD [ARGS]...", show_default=False)],
     interactive: Annotated[bool, typer.Option("-i", "--interactive",
                                               help="Stream stdin (default when piped).")] = False,
     tty: Annotated[bool, typer.Option("-t", "--tty", help="Allocate a TTY.")] = False,
@@ -28,7 +28,13 @@ def exec_(
     trust_new_host_key: TrustNewOpt = False,
     project: ProjectOpt = None,
 ) -> None:
-    """Run a command in the VM like `docker exec`, in the guest path of this directory."""
+    """Run a command in the VM like `docker exec`, in the guest path of this directory.
+
+    \b
+    Examples:
+      mariner exec -- make test
+      mariner exec -it -e TOKEN="$TOKEN" -- python3
+    """
     from ..errors import UsageError
     from ..fastexec import ExecOptions, run
 

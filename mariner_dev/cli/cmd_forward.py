@@ -15,7 +15,13 @@ def forward(
         help="Forwards to run (default: [ports] forward).", show_default=False)] = None,
     project: ProjectOpt = None,
 ) -> None:
-    """Forward 127.0.0.1:HOST to the VM's 127.0.0.1:GUEST until Ctrl-C."""
+    """Forward 127.0.0.1:HOST to the VM's 127.0.0.1:GUEST until Ctrl-C.
+
+    \b
+    Examples:
+      mariner forward 8000
+      mariner forward 15432:5432
+    """
     from .. import sync as dotfiles
     from ..errors import UsageError
     from ..forward import parse_forward, run_forwards

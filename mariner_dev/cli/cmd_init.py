@@ -5,17 +5,24 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import app, context
+from .app import app, complete_templates, context
 
 
 @app.command("init")
 def init(
     directory: Annotated[Optional[Path], typer.Argument(help="Project directory (default: here).")] = None,
     template: Annotated[Optional[str], typer.Option("--template", "-t",
-                        help="Start from an example: minimal, webapp, docker.")] = None,
+                        help="Start from an example: minimal, webapp, docker.",
+                        autocompletion=complete_templates)] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing mariner.toml.")] = False,
 ) -> None:
-    """Write a commented mariner.toml for this project."""
+    """Write a commented mariner.toml for this project.
+
+    \b
+    Examples:
+      mariner init
+      mariner init --template webapp ~/src/shop
+    """
     from ..project import init_project
 
     ctx = context()

@@ -5,7 +5,12 @@ from .app import JsonOpt, app, context
 
 @app.command("list")
 def list_(json_output: JsonOpt = False) -> int:
-    """List every VM on this host: mariner's, with their projects, and any others."""
+    """List every VM on this host: mariner's, with their projects, and any others.
+
+    \b
+    Examples:
+      mariner list
+    """
     from .. import lifecycle
     from .app import emit_error, print_error
 

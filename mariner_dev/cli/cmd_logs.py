@@ -14,7 +14,13 @@ def logs(
     lines: Annotated[Optional[int], typer.Option("-n", "--lines", min=0,
                      help="Show only the last N lines.")] = None,
 ) -> None:
-    """Show the VM's console log (the journal of microvm@<name>)."""
+    """Show the VM's console log (the journal of microvm@<name>).
+
+    \b
+    Examples:
+      mariner logs -n 50
+      mariner logs -f
+    """
     import sys
 
     from ..lifecycle import default_backend

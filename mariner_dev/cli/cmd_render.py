@@ -14,7 +14,13 @@ def render(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the flake here "
                    "(default: MARINER_HOME/vms/<name>/flake).")] = None,
 ) -> None:
-    """Write the VM flake for this project and print its directory."""
+    """Write the VM flake for this project and print its directory.
+
+    \b
+    Examples:
+      mariner render
+      mariner render --out /tmp/flake
+    """
     from ..project import render_project
 
     ctx = context(project)

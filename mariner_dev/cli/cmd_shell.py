@@ -25,7 +25,13 @@ def shell(
     trust_new_host_key: TrustNewOpt = False,
     project: ProjectOpt = None,
 ) -> None:
-    """Open a login shell in the VM, in the guest path of this directory."""
+    """Open a login shell in the VM, in the guest path of this directory.
+
+    \b
+    Examples:
+      mariner shell
+      mariner shell -u root
+    """
     from ..fastexec import ExecOptions, run_shell
 
     where = project or STATE.project

@@ -29,7 +29,13 @@ def ssh_config(
                                              "file.")] = False,
     project: ProjectOpt = None,
 ) -> None:
-    """Write this VM's Host block and include mariner's ssh-config from ~/.ssh/config."""
+    """Write this VM's Host block and include mariner's ssh-config from ~/.ssh/config.
+
+    \b
+    Examples:
+      mariner ssh-config && ssh mariner-api
+      mariner ssh-config --print
+    """
     from .. import sshconfig
     from ..remote.target import target_for
 

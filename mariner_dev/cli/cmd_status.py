@@ -28,7 +28,13 @@ def _forward_line(forward: dict) -> str:
 
 @app.command("status")
 def status(project: ProjectOpt = None, json_output: JsonOpt = False) -> int:
-    """Show this project's VM: state, whether its config changed since it was built, address."""
+    """Show this project's VM: state, whether its config changed since it was built, address.
+
+    \b
+    Examples:
+      mariner status
+      mariner status --json | jq -r .state
+    """
     from .. import lifecycle
 
     from .app import emit_error, print_error

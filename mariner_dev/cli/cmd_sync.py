@@ -22,7 +22,13 @@ def sync(
     project: ProjectOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Copy [dotfiles] into the VM now (only what changed); --watch keeps them in sync."""
+    """Copy [dotfiles] into the VM now (only what changed); --watch keeps them in sync.
+
+    \b
+    Examples:
+      mariner sync --dry-run
+      mariner sync --watch
+    """
     from .. import sync as dotfiles
     from ..errors import UsageError
 

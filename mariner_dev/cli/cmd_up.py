@@ -18,7 +18,13 @@ def up(
     fail_if_locked: Annotated[bool, typer.Option("--fail-if-locked",
                               help="Fail at once if another command works on this VM.")] = False,
 ) -> None:
-    """Create, update and start this project's VM; wait for SSH; sync dotfiles; run hooks."""
+    """Create, update and start this project's VM; wait for SSH; sync dotfiles; run hooks.
+
+    \b
+    Examples:
+      mariner up
+      mariner up --json --timeout 600
+    """
     from .. import lifecycle
     from .app import emit_error
     from .progress import PhaseDisplay

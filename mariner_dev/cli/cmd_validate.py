@@ -6,7 +6,13 @@ from .app import JsonOpt, ProjectOpt, app, context
 
 @app.command("validate")
 def validate(project: ProjectOpt = None, json_output: JsonOpt = False) -> None:
-    """Check mariner.toml (and your per-user config) and show every problem."""
+    """Check mariner.toml (and your per-user config) and show every problem.
+
+    \b
+    Examples:
+      mariner validate
+      mariner validate --json | jq .errors
+    """
     from .app import emit_error
 
     ctx = context(project, json_output)

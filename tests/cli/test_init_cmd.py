@@ -8,6 +8,7 @@ import tomllib
 import pytest
 
 from mariner_dev.config import load_project
+from support.fakehost import fakehost  # noqa: F401  (fixture)
 from mariner_dev.project import SCHEMA_URL, examples_dir, templates
 
 
@@ -96,3 +97,39 @@ def test_unknown_template_is_bad_usage(run_cli, project):
     (project / "mariner.toml").write_text("keep")
     code, _, _ = run_cli("init", "--template", "nope", "--force", cwd=project)
     assert code == 2 and (project / "mariner.toml").read_text() == "keep"
+
+
+@pytest.mark.parametrize("template", templates())
+def test_each_template_validates_renders_builds_and_its_hooks_have_their_files(
+        run_cli, tmp_path, template, fakehost):
+    """A project from each template: valid, rendered, built by the fake host (which evaluates
+    the flake with the real nix-instantiate), and every file or make target its hooks use is
+    in the new project."""
+    import re
+    import shlex
+
+    directory = tmp_path / "my-app"
+    directory.mkdir()
+    code, _, err = run_cli("init", "--template", template, cwd=directory)
+    assert code == 0, err
+    cfg = load_project(project_dir=directory)
+    code, out, err = run_cli("render", cwd=directory)
+    assert code == 0, err
+    flake = out.strip()
+    build = fakehost.run("microvm", "-c", cfg.name, "-f", f"path:{flake}")
+    assert build.returncode == 0, build.stderr
+    for hook in (cfg.hooks.post_create, cfg.hooks.post_start):
+        if not hook:
+            continue
+        words = shlex.split(hook)
+        if words[0] == "make":
+            makefile = directory / "Makefile"
+            assert makefile.is_file(), f"{template}: `{hook}` needs a Makefile"
+            text = makefile.read_text()
+            for target in [w for w in words[1:] if not w.startswith("-")]:
+                assert re.search(rf"^{re.escape(target)}:", text, re.MULTILINE), (template, hook)
+            for used in re.findall(r"[\w./-]+\.(?:txt|toml|cfg|json|lock|sh)\b", text):
+                assert (directory / used).exists(), f"{template}: Makefile uses {used}"
+        for word in words[1:]:
+            if "/" in word or re.search(r"\.\w+$", word):
+                assert (directory / word).exists(), f"{template}: `{hook}` uses {word}"
