@@ -22,13 +22,18 @@ if TYPE_CHECKING:  # the exec fast path imports none of these
 AGENT_MODES = ("auto", "require", "off")
 
 
-def agent_mode() -> str:
-    mode = os.environ.get("MARINER_AGENT", "auto").strip().lower() or "auto"
-    if mode not in AGENT_MODES:
+def _choice(variable: str, choices: tuple[str, ...]) -> str:
+    """An environment variable that must be one of `choices` (the first is the default)."""
+    value = os.environ.get(variable, "").strip().lower() or choices[0]
+    if value not in choices:
         from ..errors import UsageError
 
-        raise UsageError(f"MARINER_AGENT={mode!r} is not one of {', '.join(AGENT_MODES)}")
-    return mode
+        raise UsageError(f"{variable}={value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def agent_mode() -> str:
+    return _choice("MARINER_AGENT", AGENT_MODES)
 
 
 TRANSPORTS = ("auto", "tcp", "vsock")
@@ -36,12 +41,7 @@ TRANSPORTS = ("auto", "tcp", "vsock")
 
 def transport_mode() -> str:
     """MARINER_TRANSPORT=tcp|vsock|auto (default auto); anything else is bad usage."""
-    mode = os.environ.get("MARINER_TRANSPORT", "auto").strip().lower() or "auto"
-    if mode not in TRANSPORTS:
-        from ..errors import UsageError
-
-        raise UsageError(f"MARINER_TRANSPORT={mode!r} is not one of {', '.join(TRANSPORTS)}")
-    return mode
+    return _choice("MARINER_TRANSPORT", TRANSPORTS)
 
 
 def record_path(kind: str, verbose: bool = False, detail: str = "") -> None:

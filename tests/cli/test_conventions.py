@@ -12,29 +12,13 @@ from pathlib import Path
 import pytest
 
 from support.fakehost import fakehost  # noqa: F401  (fixture)
+from support.vmrecord import register_vm
 from support.tools import REPO
 
 COMMANDS = ["init", "validate", "render", "up", "down", "destroy", "status", "list", "logs",
             "exec", "shell", "ssh-config", "code", "sync", "forward", "doctor"]
 MAIN = ["init", "validate", "up", "down", "destroy", "status", "exec", "shell", "code", "sync",
         "doctor", "logs"]
-
-
-@pytest.fixture
-def project(tmp_path) -> Path:
-    directory = tmp_path / "proj"
-    (directory / "src" / "deep").mkdir(parents=True)
-    (directory / "mariner.toml").write_text('[vm]\nname = "proj"\n[network]\nmode = "user"\n')
-    return directory
-
-
-def _register(project: Path) -> None:
-    from mariner_dev.state import Registry, VmRecord
-
-    with Registry().transaction() as vms:
-        vms["proj"] = VmRecord(name="proj", project=str(project),
-                               config_file=str(project / "mariner.toml"), cid=3,
-                               network_mode="user", ssh_port=2299, created=True)
 
 
 def _mariner(*args: str, cwd=None, env=None, **kwargs) -> subprocess.CompletedProcess:
@@ -102,7 +86,7 @@ def test_completion_of_vm_names(project):
     from mariner_dev.cli.app import complete_vm_names
 
     assert complete_vm_names("") == []
-    _register(project)
+    register_vm(project)
     assert complete_vm_names("p") == ["proj"] and complete_vm_names("x") == []
 
 
@@ -113,14 +97,14 @@ def test_dash_C_finds_the_project_as_running_from_there(run_cli, project, tmp_pa
     after = run_cli("validate", "--json", "-C", str(deep), cwd=tmp_path)
     assert here[0] == there[0] == after[0] == 0, there[2]
     assert json.loads(here[1]) == json.loads(there[1]) == json.loads(after[1])
-    _register(project)
+    register_vm(project)
     code, out, err = run_cli("code", "--print", "-C", str(deep), cwd=tmp_path)
     assert code == 0, err
     assert out.strip().endswith("/workspaces/proj/src/deep")
 
 
 def test_destroy_n_prints_aborted_and_exits_1(project, fakehost):
-    _register(project)
+    register_vm(project)
     parent, child = pty.openpty()
     os.write(parent, b"n\n")
     try:
@@ -144,7 +128,7 @@ def test_bad_values_and_combinations_are_refused(run_cli, project):
     assert code == 2 and "-t/--tty and -T/--no-tty contradict" in err
     proc = _mariner("exec", "-tT", "--", "true", cwd=project)
     assert proc.returncode == 2 and "contradict" in proc.stderr
-    _register(project)
+    register_vm(project)
     proc = _mariner("exec", "--", "true", cwd=project, env={"MARINER_TRANSPORT": "bogus"})
     assert proc.returncode == 2 and "MARINER_TRANSPORT='bogus' is not one of" in proc.stderr
 

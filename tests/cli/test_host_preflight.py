@@ -30,14 +30,6 @@ HOSTS = {
 }
 
 
-@pytest.fixture
-def project(tmp_path) -> Path:
-    directory = tmp_path / "proj"
-    directory.mkdir()
-    (directory / "mariner.toml").write_text('[vm]\nname = "proj"\n')
-    return directory
-
-
 def _host(monkeypatch, tmp_path, kind: str) -> Path:
     """PATH is the stand-ins plus a directory with python only: no real host command."""
     tools, _ = HOSTS[kind]

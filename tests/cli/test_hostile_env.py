@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from support.fakehost import fakehost  # noqa: F401  (fixture)
+from support.vmrecord import register_vm
 
 COMMANDS = [
     ["init", "--force"], ["validate"], ["validate", "--json"], ["render"],
@@ -45,24 +46,6 @@ def _spoil(kind: str, tmp_path: Path) -> str:
         path.symlink_to(tmp_path / "nowhere")
         return str(path)
     return _unwritable(tmp_path)
-
-
-@pytest.fixture
-def project(tmp_path) -> Path:
-    directory = tmp_path / "proj"
-    directory.mkdir()
-    (directory / "mariner.toml").write_text('[vm]\nname = "proj"\n[network]\nmode = "user"\n')
-    return directory
-
-
-def _register(project: Path) -> None:
-    """A VM record as a successful `up` leaves it (so ssh-config and code get to ~/.ssh)."""
-    from mariner_dev.state import Registry, VmRecord
-
-    with Registry().transaction() as vms:
-        vms["proj"] = VmRecord(name="proj", project=str(project),
-                               config_file=str(project / "mariner.toml"), cid=3,
-                               network_mode="user", ssh_port=2299, created=True)
 
 
 def _check(run_cli, project: Path, args: list[str]) -> tuple[int, str, str]:
@@ -101,7 +84,7 @@ def test_runtime_directory_unusable(run_cli, project, tmp_path, monkeypatch, fak
     (runtime / "mariner").symlink_to(spoilt) if kind == "dangling" else \
         spoilt.rename(runtime / "mariner")
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
-    _register(project)
+    register_vm(project)
     for args in COMMANDS:
         _check(run_cli, project, args)
 
@@ -111,7 +94,7 @@ def test_dot_ssh_unusable(run_cli, project, tmp_path, monkeypatch, kind):
     home = Path(os.environ["HOME"])
     spoilt = Path(_spoil(kind, tmp_path))
     (home / ".ssh").symlink_to(spoilt) if kind == "dangling" else spoilt.rename(home / ".ssh")
-    _register(project)
+    register_vm(project)
     for args in (["ssh-config"], ["code", "--print"]):
         code, out, err = _check(run_cli, project, args)
         # the entry is written to mariner's own file; the user is told how to include it

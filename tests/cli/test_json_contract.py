@@ -21,15 +21,6 @@ JSON_COMMANDS = ["validate", "up", "status", "list", "doctor", "sync"]
 
 
 @pytest.fixture
-def project(tmp_path) -> Path:
-    directory = tmp_path / "proj"
-    directory.mkdir()
-    (directory / "mariner.toml").write_text('[vm]\nname = "proj"\ncpus = 1\n'
-                                            '[network]\nmode = "user"\n')
-    return directory
-
-
-@pytest.fixture
 def broken(tmp_path) -> Path:
     directory = tmp_path / "broken"
     directory.mkdir()

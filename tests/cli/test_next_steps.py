@@ -1,0 +1,50 @@
+"""Next steps that work: a VM that does not exist (never built, or only rendered) is named as
+such, with `mariner up` as the next step, and nothing is written or waited for."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from support.fakehost import fakehost  # noqa: F401  (fixture)
+
+
+@pytest.mark.parametrize("rendered", [False, True], ids=["never-rendered", "rendered-only"])
+def test_ssh_config_and_code_for_a_vm_that_does_not_exist(run_cli, project, fakehost, rendered):
+    home = Path(os.environ["HOME"])
+    if rendered:  # a render registers the name, but builds nothing
+        assert run_cli("render", cwd=project)[0] == 0
+    for args in (["ssh-config"], ["code", "--print"]):
+        code, out, err = run_cli(*args, cwd=project)
+        assert code == 1 and out == "", err
+        assert "VM proj does not exist yet (nothing was written)" in err
+        assert "hint: `mariner up` creates and starts it" in err
+    assert not (home / ".ssh").exists()
+    assert not (Path(os.environ["MARINER_HOME"]) / "ssh_config").exists()
+
+
+@pytest.mark.parametrize("rendered", [False, True], ids=["never-rendered", "rendered-only"])
+def test_exec_and_shell_for_a_vm_that_does_not_exist(project, fakehost, rendered, run_cli):
+    if rendered:
+        assert run_cli("render", cwd=project)[0] == 0
+    for args in (["exec", "--", "true"], ["shell", "true"]):
+        proc = subprocess.run([sys.executable, "-m", "mariner_dev", *args], cwd=project,
+                              capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL)
+        assert proc.returncode == 125, proc.stderr
+        assert "VM proj does not exist yet" in proc.stderr and "`mariner up`" in proc.stderr
+
+
+@pytest.mark.parametrize("follow", [[], ["-f"]], ids=["logs", "logs-f"])
+def test_logs_of_a_vm_that_does_not_exist(project, fakehost, follow, run_cli):
+    assert run_cli("render", cwd=project)[0] == 0
+    proc = subprocess.run([sys.executable, "-m", "mariner_dev", "logs", *follow], cwd=project,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert "VM proj does not exist on this host, so it has no log" in proc.stderr
+    assert "`mariner up`" in proc.stderr
+    assert not any(r["prog"] == "journalctl" for r in fakehost.records())
