@@ -18,7 +18,10 @@ def list_(json_output: JsonOpt = False) -> int:
     vms, host_error = lifecycle.list_vms()
     if json_output:
         data = {"vms": [vm.to_json() for vm in vms]}
-        emit_error(host_error, **data) if host_error else ctx.emit_json(data)
+        if host_error:
+            emit_error(host_error, **data)
+        else:
+            ctx.emit_json(data)
     elif not vms and not host_error:
         ctx.err.print("No VMs. `mariner up` in a project creates one.")
     elif vms:
