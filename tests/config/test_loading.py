@@ -60,7 +60,7 @@ def test_sizes_in_a_config(tmp_path):
 @pytest.mark.parametrize("raw, name", [
     ("api", "api"), ("My Project", "my-project"), ("Foo_Bar.baz", "foo-bar-baz"),
     ("--x--", "x"), ("2024 Report", "2024-report"), ("a  -- b", "a-b"), ("___", ""),
-    ("проект", ""), ("café", "caf"),
+    ("проект", "project-dfb992e6"), ("café", "cafe-850f7dc4"), ("cafe", "cafe"),
 ])
 def test_safe_vm_name(raw, name):
     assert safe_vm_name(raw) == name
