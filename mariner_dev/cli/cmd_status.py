@@ -75,4 +75,12 @@ def _print_status(result) -> None:
         lines.append(f"note:     {note}")
     if not result.managed and result.state != "absent":
         lines.append("note:     this VM was not created by mariner")
+    elif result.state in _NEXT:
+        lines.append(f"next:     {_NEXT[result.state]}")
     print("\n".join(lines))
+
+
+# What to do about a VM that is not running (a VM mariner did not create is not ours to start).
+_NEXT = {"absent": "`mariner up` creates and starts it",
+         "stopped": "`mariner up` starts it",
+         "failed": "`mariner logs` shows why; `mariner up` starts it again"}

@@ -89,11 +89,17 @@ def test_runtime_directory_unusable(run_cli, project, tmp_path, monkeypatch, fak
         _check(run_cli, project, args)
 
 
-@pytest.mark.parametrize("kind", ["file", "dangling"])
+@pytest.mark.parametrize("kind", ["file", "dangling", "unwritable"])
 def test_dot_ssh_unusable(run_cli, project, tmp_path, monkeypatch, kind):
     home = Path(os.environ["HOME"])
-    spoilt = Path(_spoil(kind, tmp_path))
-    (home / ".ssh").symlink_to(spoilt) if kind == "dangling" else spoilt.rename(home / ".ssh")
+    if kind == "file":
+        Path(_spoil(kind, tmp_path)).rename(home / ".ssh")
+    elif kind == "dangling":
+        (home / ".ssh").symlink_to(_spoil(kind, tmp_path))
+    elif os.geteuid() == 0:  # a directory root cannot create files in
+        (home / ".ssh").symlink_to("/proc/1")
+    else:
+        (home / ".ssh").mkdir(mode=0o500)
     register_vm(project)
     for args in (["ssh-config"], ["code", "--print"]):
         code, out, err = _check(run_cli, project, args)

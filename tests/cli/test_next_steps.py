@@ -48,3 +48,9 @@ def test_logs_of_a_vm_that_does_not_exist(project, fakehost, follow, run_cli):
     assert "VM proj does not exist on this host, so it has no log" in proc.stderr
     assert "`mariner up`" in proc.stderr
     assert not any(r["prog"] == "journalctl" for r in fakehost.records())
+
+
+def test_status_of_a_vm_that_is_not_running_says_what_to_do(run_cli, project, fakehost):
+    code, out, err = run_cli("status", cwd=project)
+    assert code == 0 and "state:    absent" in out
+    assert "next:     `mariner up` creates and starts it" in out

@@ -95,6 +95,8 @@ def test_down_then_up_again(project):
     proc = project.mariner("down", check=0)
     assert "stopped" in proc.stderr
     assert project.status_json()["state"] == "stopped"
+    text = project.mariner("status", check=0).stdout
+    assert "state:    stopped" in text and "next:     `mariner up` starts it" in text
     project.clear_log()
     result = project.up_json()
     assert result["started"] and not result["created"]
