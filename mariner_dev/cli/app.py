@@ -15,7 +15,9 @@ from ..errors import MarinerError
 
 app = typer.Typer(
     name="mariner",
-    help="A disposable NixOS microVM per project, driven like `docker exec`.",
+    help="A disposable NixOS microVM per project, driven like `docker exec`.\n\n"
+         "\b\nExamples:\n  mariner init && mariner up\n  mariner exec -- make test\n"
+         "  mariner help up",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
