@@ -124,8 +124,14 @@ def ensure_private_dir(path: Path) -> Path:
     except OSError as exc:
         from .errors import StateError
 
-        raise StateError(f"cannot use {path} as a directory: {describe_os_error(exc)}",
-                         hint=DIRECTORY_HINT) from None
+        if path.is_symlink() and not path.exists():
+            why = f"it is a dangling symlink (to {os.readlink(path)})"
+        elif path.exists() and not path.is_dir():
+            why = "it is a file, not a directory"
+        else:
+            why = describe_os_error(exc)
+        raise StateError(f"cannot use {path} as a directory: {why}", hint=DIRECTORY_HINT) \
+            from None
     return path
 
 
@@ -136,8 +142,6 @@ DIRECTORY_HINT = ("MARINER_HOME, XDG_STATE_HOME and XDG_RUNTIME_DIR must name di
 def describe_os_error(exc: OSError) -> str:
     """`Not a directory: /a/b` for an OSError, naming the path it is about when it has one."""
     what = exc.strerror or str(exc)
-    if exc.errno == 17 and exc.filename and os.path.islink(exc.filename):  # EEXIST
-        what = "a dangling symlink is in the way"
     if exc.filename and str(exc.filename) not in what:
         what += f": {exc.filename}"
     return what

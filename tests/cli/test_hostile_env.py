@@ -74,6 +74,9 @@ def test_state_directory_unusable(run_cli, project, tmp_path, monkeypatch, fakeh
         code, out, err = _check(run_cli, project, args)
         if args[0] in ("render", "up"):  # what must write there fails; reading finds nothing
             assert code != 0 and variable in err, (args, err)
+            if variable == "MARINER_HOME" and kind != "unwritable":
+                assert {"file": "it is a file, not a directory",
+                        "dangling": "it is a dangling symlink (to "}[kind] in err, err
 
 
 @pytest.mark.parametrize("kind", ["file", "dangling"])
