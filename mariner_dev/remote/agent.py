@@ -210,9 +210,11 @@ class Agent:
             csock, _ = await loop.sock_accept(self.listener)
             asyncio.create_task(self._client(csock))
 
-    async def _recv_hello(self, csock: socket.socket) -> tuple[dict, list[int]]:
+    async def _recv_hello(self, csock: socket.socket, fds: list[int]) -> dict:
+        """The client's HELLO; the fds it passed are appended to `fds` as they arrive (the
+        caller closes them whatever happens)."""
         loop = asyncio.get_running_loop()
-        buf, fds = b"", []
+        buf = b""
         fd_space = socket.CMSG_SPACE(3 * array.array("i").itemsize)
         while True:
             waiter = loop.create_future()
@@ -236,7 +238,7 @@ class Agent:
                     raise ValueError("expected HELLO")
                 if len(buf) >= proto.HEADER_SIZE + length:
                     body = buf[proto.HEADER_SIZE:proto.HEADER_SIZE + length]
-                    return json.loads(body), fds
+                    return json.loads(body)
 
     async def _send(self, csock: socket.socket, kind: bytes, body: dict,
                     client_proto: int = proto.PROTO) -> None:
@@ -248,7 +250,7 @@ class Agent:
         csock.setblocking(False)
         try:
             try:
-                hello, fds = await self._recv_hello(csock)
+                hello = await self._recv_hello(csock, fds)
             except (EOFError, ValueError, OSError, asyncio.TimeoutError):
                 return
             op = hello.get("op")
@@ -268,7 +270,6 @@ class Agent:
                 await self._send(csock, proto.READY, self._ready())
             elif op == "exec":
                 await self._exec(csock, hello.get("request") or {}, fds)
-                fds = []
             elif op == "sync":
                 await self._sync(csock, hello.get("request") or {})
             else:
@@ -277,8 +278,7 @@ class Agent:
         except OSError as exc:
             log(f"client error: {exc}")
         finally:
-            for fd in fds:
-                os.close(fd)
+            _close_all(fds)
             csock.close()
 
     def _stale(self, hello: dict) -> str | None:
@@ -381,8 +381,6 @@ class Agent:
             stdio = (None, fds[0], fds[1])
         else:
             await self._send(csock, proto.ERROR, {"kind": "bad", "message": "no stdio passed"})
-            for fd in fds:
-                os.close(fd)
             return
         self.active += 1
         extra = None
@@ -398,15 +396,23 @@ class Agent:
                     "kind": "unreachable",
                     "message": f"cannot start the command on VM {self.target.name}: {exc}"})
                 return
-            await self._send(csock, proto.READY, {"pid": os.getpid(), "build": self.build})
-            control = asyncio.create_task(self._control(csock, proc))
-            outcome = await proc.wait()
-            control.cancel()
+            try:
+                await self._send(csock, proto.READY, {"pid": os.getpid(), "build": self.build})
+                control = asyncio.create_task(self._control(csock, proc))
+                try:
+                    outcome = await proc.wait()
+                finally:
+                    control.cancel()
+            finally:
+                # Whatever happened (the client went away, the agent is stopping), no thread
+                # may still use the client's fds when they are closed below: their numbers
+                # are reused at once by other clients' sockets and stdio.
+                if not proc.done.done():
+                    proc.abandon()
+                await proc.release()
             # Our copies of the client's stdio must close before it learns the status, so
             # that a pipe reader behind its stdout sees EOF when the client exits.
-            for fd in fds:
-                os.close(fd)
-            fds.clear()
+            _close_all(fds)
             try:
                 await self._send(csock, proto.EXIT, {"status": outcome.status,
                                                      "message": outcome.message})
@@ -414,8 +420,7 @@ class Agent:
                 pass
         finally:
             self.active -= 1
-            for fd in fds:
-                os.close(fd)
+            _close_all(fds)
             if extra is not None:
                 extra.close()
 
@@ -443,6 +448,17 @@ class Agent:
                 elif kind == proto.RESIZE:
                     size = json.loads(payload)
                     proc.resize(int(size["cols"]), int(size["rows"]))
+
+
+def _close_all(fds: list[int]) -> None:
+    """Close the client's fds we hold and forget them (each exactly once: a second close
+    would hit whatever reused the number)."""
+    while fds:
+        fd = fds.pop()
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _take_lock(name: str) -> int | None:

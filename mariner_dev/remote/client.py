@@ -33,6 +33,12 @@ if TYPE_CHECKING:  # the fast path imports none of these
     from .target import GuestTarget
 
 
+def _printable(text) -> str:
+    from ..termsafe import printable
+
+    return printable(text)
+
+
 def _unreachable(message: str) -> Exception:
     from ..errors import GuestUnreachable
 
@@ -120,8 +126,25 @@ def _recv_exact(sock: _UnixSocket, n: int) -> bytes:
 
 
 def read_frame(sock: _UnixSocket) -> tuple[bytes, bytes]:
+    """The next frame; EOFError when the agent hung up, ValueError when what it sent is not a
+    frame (such as a length beyond proto.MAX_FRAME)."""
     kind, length = proto.parse_header(_recv_exact(sock, proto.HEADER_SIZE))
     return kind, _recv_exact(sock, length) if length else b""
+
+
+def _answer(payload: bytes) -> dict:
+    """An agent's READY/ERROR/EXIT/RESULT body; ValueError when it is not one."""
+    info = proto.loads(payload) if payload else {}
+    if not isinstance(info, dict):
+        raise ValueError(f"an answer of type {type(info).__name__}")
+    return info
+
+
+def _garbled(name: str, detail) -> Exception:
+    """What a client says when the agent's answer breaks the protocol (exit 125 for exec)."""
+    return _unreachable(f"the mariner agent for VM {name} sent an answer mariner cannot read "
+                        f"({detail}); see {log_path(name)}, and `mariner up` to start a new "
+                        f"agent")
 
 
 def _hello(target: "GuestTarget", op: str, request: dict | None = None, *,
@@ -149,7 +172,8 @@ def _open(name: str) -> _UnixSocket:
     return sock
 
 
-def _handshake(sock: _UnixSocket, hello: bytes, fds: list[int] | None = None) -> dict:
+def _handshake(sock: _UnixSocket, name: str, hello: bytes,
+               fds: list[int] | None = None) -> dict:
     try:
         if fds:
             # SCM_RIGHTS data is an array of C ints (4 bytes on every platform mariner runs on).
@@ -160,8 +184,10 @@ def _handshake(sock: _UnixSocket, hello: bytes, fds: list[int] | None = None) ->
         kind, payload = read_frame(sock)
     except (EOFError, OSError) as exc:
         raise AgentUnavailable(f"the agent hung up during the handshake ({exc!r})")
+    except ValueError as exc:
+        raise _garbled(name, exc) from None
     try:
-        info = proto.loads(payload) if payload else {}
+        info = _answer(payload)
     except ValueError as exc:  # an agent of another protocol: of another build, so stale
         raise AgentUnavailable(f"the running agent is from another build of mariner ({exc})",
                                stale=True) from None
@@ -180,7 +206,7 @@ def ping(target: "GuestTarget", forwards: list | None = None) -> dict:
     sock = _open(target.name)
     with sock:
         sock.settimeout(5.0)
-        return _handshake(sock, _hello(target, "ping", forwards=forwards))
+        return _handshake(sock, target.name, _hello(target, "ping", forwards=forwards))
 
 
 def agent_forwards(target: "GuestTarget", timeout: float = 2.0) -> dict:
@@ -191,7 +217,7 @@ def agent_forwards(target: "GuestTarget", timeout: float = 2.0) -> dict:
     with sock:
         sock.settimeout(timeout)
         try:
-            return _handshake(sock, _hello(target, "forwards", probe=True))
+            return _handshake(sock, target.name, _hello(target, "forwards", probe=True))
         except OSError as exc:  # a timeout: an agent that does not answer is no agent
             raise AgentUnavailable(f"the agent did not answer ({exc})") from None
 
@@ -206,7 +232,7 @@ def run_sync(target: "GuestTarget", request: dict, on_ready=None) -> dict:
     with sock:
         sock.settimeout(10.0)
         try:
-            _handshake(sock, _hello(target, "sync", request))
+            _handshake(sock, target.name, _hello(target, "sync", request))
         except TimeoutError:
             raise AgentUnavailable("the agent did not answer within 10 s") from None
         if on_ready is not None:
@@ -214,10 +240,12 @@ def run_sync(target: "GuestTarget", request: dict, on_ready=None) -> dict:
         sock.settimeout(None)   # a first sync of many megabytes takes what it takes
         try:
             kind, payload = read_frame(sock)
-        except (EOFError, ConnectionResetError):
+            info = _answer(payload)
+        except (EOFError, OSError):
             raise _unreachable(f"the mariner agent for VM {target.name} went away mid-sync; "
                                f"see {log_path(target.name)}") from None
-    info = proto.loads(payload) if payload else {}
+        except ValueError as exc:
+            raise _garbled(target.name, exc) from None
     if kind == proto.RESULT:
         return info
     if kind == proto.ERROR and info.get("kind") != "unreachable":
@@ -305,7 +333,7 @@ def run_exec(target: "GuestTarget", request: "ExecRequest", fds=(0, 1, 2), on_re
         if request.tty:
             saved[signal.SIGWINCH] = signal.signal(signal.SIGWINCH, resize)
         try:
-            _handshake(sock, _hello(target, "exec", request.to_json()), sent)
+            _handshake(sock, target.name, _hello(target, "exec", request.to_json()), sent)
         except BaseException:
             for s, handler in saved.items():
                 signal.signal(s, handler)
@@ -321,18 +349,23 @@ def run_exec(target: "GuestTarget", request: "ExecRequest", fds=(0, 1, 2), on_re
                 while True:
                     try:
                         kind, payload = read_frame(sock)
-                    except (EOFError, ConnectionResetError):
+                        info = _answer(payload)
+                        if kind == proto.EXIT:
+                            status = info["status"]
+                            if type(status) is not int or not 0 <= status <= 255:
+                                raise ValueError(f"exit status {status!r}")
+                    except (EOFError, OSError):
                         raise _unreachable(
                             f"the mariner agent for VM {target.name} went away mid-command; "
                             f"see {log_path(target.name)}") from None
+                    except (ValueError, KeyError) as exc:
+                        raise _garbled(target.name, exc) from None
                     if kind == proto.EXIT:
-                        result = proto.loads(payload)
-                        if result.get("message"):
-                            sys.stderr.write(f"mariner: {result['message']}\n")
-                        return int(result["status"])
+                        if info.get("message"):
+                            sys.stderr.write(f"mariner: {_printable(info['message'])}\n")
+                        return status
                     if kind == proto.ERROR:
-                        info = proto.loads(payload) if payload else {}
-                        raise _unreachable(info.get("message") or "agent error")
+                        raise _unreachable(str(info.get("message") or "agent error"))
         finally:
             for s, handler in saved.items():
                 signal.signal(s, handler)

@@ -240,7 +240,12 @@ class _Writer(threading.Thread):
 
 
 class _StdinPump(threading.Thread):
-    """Reads our stdin (blocking, only when poll says it is readable) and feeds the channel."""
+    """Reads our stdin (blocking, only when poll says it is readable) and feeds the channel.
+
+    The wake pipe belongs to the owner, not to the thread: stop() may be called after the
+    thread returned (stdin at EOF), and a descriptor closed there could by then be another
+    client's socket or stdout in the agent. close() releases it once the thread is joined.
+    """
 
     def __init__(self, fd: int, loop: asyncio.AbstractEventLoop, proc: "RemoteProcess"):
         super().__init__(daemon=True)
@@ -249,41 +254,52 @@ class _StdinPump(threading.Thread):
         self.proc = proc
         self.can_send = threading.Event()
         self.can_send.set()
+        self._pipe_lock = threading.Lock()
         self.wake_r, self.wake_w = os.pipe()
 
     def stop(self) -> None:
-        try:
-            os.write(self.wake_w, b"x")
-        except OSError:
-            pass
+        with self._pipe_lock:
+            if self.wake_w < 0:
+                return
+            try:
+                os.write(self.wake_w, b"x")
+            except OSError:   # already woken: the pipe is full
+                pass
+
+    def close(self) -> None:
+        """Release the wake pipe; only once the thread has returned (join() first)."""
+        with self._pipe_lock:
+            for fd in (self.wake_r, self.wake_w):
+                if fd >= 0:
+                    os.close(fd)
+            self.wake_r = self.wake_w = -1
 
     def run(self) -> None:
         poller = select.poll()
         poller.register(self.fd, select.POLLIN | select.POLLHUP | select.POLLERR)
         poller.register(self.wake_r, select.POLLIN)
-        try:
-            while True:
-                while not self.can_send.wait(0.2):
-                    if select.select([self.wake_r], [], [], 0)[0]:
-                        return
-                events = dict(poller.poll())
-                if self.wake_r in events:
+        while True:
+            while not self.can_send.wait(0.2):
+                if select.select([self.wake_r], [], [], 0)[0]:
                     return
-                try:
-                    data = os.read(self.fd, READ_CHUNK)
-                except BlockingIOError:
-                    select.select([self.fd], [], [], 0.05)
-                    continue
-                except OSError:
-                    data = b""
-                if not data:
-                    self._call(self.proc._stdin_eof)
-                    return
-                self.can_send.clear()
-                self._call(self.proc._stdin_data, data)
-        finally:
-            os.close(self.wake_r)
-            os.close(self.wake_w)
+            events = dict(poller.poll())
+            if self.wake_r in events:
+                return
+            if events.get(self.fd, 0) & select.POLLNVAL:
+                self._call(self.proc._stdin_eof)
+                return
+            try:
+                data = os.read(self.fd, READ_CHUNK)
+            except BlockingIOError:
+                select.select([self.fd], [], [], 0.05)
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                self._call(self.proc._stdin_eof)
+                return
+            self.can_send.clear()
+            self._call(self.proc._stdin_data, data)
 
     def _call(self, fn, *args) -> None:
         try:
@@ -337,6 +353,7 @@ class RemoteProcess:
         self._pump: _StdinPump | None = None
         self._pump_waiting = False
         self._early_signals: list[str] = []
+        self._released = False
         out_fd, err_fd = fds[1], fds[2]
         self._out = _Writer(out_fd, self._on_low_threadsafe, self._on_broken_threadsafe)
         self._err = self._out if err_fd == out_fd else _Writer(
@@ -445,14 +462,7 @@ class RemoteProcess:
 
     async def wait(self) -> Outcome:
         exc = await self.done
-        if self._pump is not None:
-            self._pump.stop()
-        self._out.close()
-        self._err.close()
-        # Everything received is on its way out before we report the status.
-        await self.loop.run_in_executor(None, self._join_writers)
-        if self._pump is not None:
-            await self.loop.run_in_executor(None, self._pump.join, 2.0)
+        await self.release()
         if self._broken:
             return Outcome(STATUS_SIGPIPE)
         sig = self.chan.get_exit_signal()
@@ -465,10 +475,25 @@ class RemoteProcess:
         reason = f" ({exc})" if exc else ""
         return Outcome(STATUS_LOST, f"lost the connection to VM {self.name}{reason}")
 
-    def _join_writers(self) -> None:
-        self._out.join()
-        if self._err is not self._out:
-            self._err.join()
+    async def release(self) -> None:
+        """Stop and join every thread that uses the local fds, so that the caller may close
+        them: the agent's fd numbers are reused at once by other clients' sockets and stdio.
+        Everything received is written out first. Safe to call more than once."""
+        if self._released:
+            return
+        self._released = True
+        if self._pump is not None:
+            self._pump.stop()
+        self._out.close()
+        self._err.close()
+        await asyncio.shield(self.loop.run_in_executor(None, self._join_threads))
+
+    def _join_threads(self) -> None:
+        for thread in (self._out, self._err, self._pump):
+            if thread is not None and thread.is_alive():
+                thread.join()
+        if self._pump is not None:
+            self._pump.close()
 
 
 async def run_on(conn, request: ExecRequest, fds, name: str, on_started=None) -> Outcome:
