@@ -114,10 +114,14 @@ def attached(name: str, kind: str) -> Iterator[None]:
     """Record this process as attached to VM `name` (e.g. kind "sync-watch", "forward")."""
     import os
 
+    from .procid import current
+
     directory = attached_dir(name)
     directory.mkdir(parents=True, exist_ok=True)
-    marker = directory / f"{os.getpid()}.json"
-    write_atomic(marker, json.dumps({"pid": os.getpid(), "kind": kind}) + "\n", mode=0o600)
+    pid, started = current()
+    marker = directory / f"{pid}.json"
+    write_atomic(marker, json.dumps({"pid": pid, "start": started, "kind": kind}) + "\n",
+                 mode=0o600)
     try:
         yield
     finally:
@@ -126,38 +130,39 @@ def attached(name: str, kind: str) -> Iterator[None]:
 
 
 def stop_attached(name: str, timeout: float = 5.0) -> list[str]:
-    """SIGTERM every live process attached to VM `name` and wait for it; returns their kinds."""
+    """SIGTERM every live process attached to VM `name` and wait for it; returns their kinds.
+
+    A marker names a process by pid and start time: one whose process is gone (its pid maybe
+    reused by an unrelated process since) is removed, and nothing is signalled."""
     import os
     import signal
     import time
+
+    from .procid import is_alive, signal_process
 
     stopped: list[str] = []
     directory = attached_dir(name)
     if not directory.is_dir():
         return stopped
-    pids: list[int] = []
+    procs: list[tuple[int, int]] = []
     for marker in directory.glob("*.json"):
         try:
             info = json.loads(marker.read_text())
-            pid = int(info["pid"])
+            pid, started = int(info["pid"]), info.get("start")
+            if started is not None:
+                started = int(started)
         except (OSError, ValueError, KeyError, TypeError):
             marker.unlink(missing_ok=True)
             continue
         if pid == os.getpid():
             continue
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
+        if not signal_process(pid, started, signal.SIGTERM):
             marker.unlink(missing_ok=True)
             continue
-        pids.append(pid)
+        procs.append((pid, started))
         stopped.append(str(info.get("kind", "process")))
     deadline = time.monotonic() + timeout
-    for pid in pids:
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
+    for pid, started in procs:
+        while time.monotonic() < deadline and is_alive(pid, started):
             time.sleep(0.05)
     return stopped

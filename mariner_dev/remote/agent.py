@@ -470,8 +470,11 @@ def _take_lock(name: str) -> int | None:
         if exc.errno in (errno.EAGAIN, errno.EACCES):
             return None
         raise
+    from ..procid import current
+
+    pid, started = current()
     os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    os.write(fd, (f"{pid} {started}\n" if started is not None else f"{pid}\n").encode())
     return fd
 
 

@@ -75,17 +75,28 @@ def log_path(name: str) -> Path:
     return socket_path(name).with_suffix(".log")
 
 
-def agent_pid(name: str) -> int | None:
-    """The pid of the live agent of VM `name` (it holds a flock on its lock file), else None."""
+def agent_process(name: str) -> tuple[int, int | None] | None:
+    """(pid, start time) of the live agent of VM `name` (it holds a flock on its lock file
+    and wrote both there), else None. The start time is None for an agent of an older build
+    that wrote only its pid: then the held flock alone vouches for it."""
     from ..fsutil import lock_is_held
 
     lock = lock_path(name)
     if not lock_is_held(lock):
         return None
     try:
-        return int(lock.read_text().split()[0])
+        fields = lock.read_text().split()
+        pid = int(fields[0])
+        started = int(fields[1]) if len(fields) > 1 else None
     except (OSError, ValueError, IndexError):
         return None
+    return pid, started
+
+
+def agent_pid(name: str) -> int | None:
+    """The pid of the live agent of VM `name`, else None."""
+    proc = agent_process(name)
+    return proc[0] if proc is not None else None
 
 
 def agent_running(name: str) -> bool:
@@ -372,22 +383,17 @@ def run_exec(target: "GuestTarget", request: "ExecRequest", fds=(0, 1, 2), on_re
 
 
 def stop_agent(name: str, timeout: float = 5.0) -> None:
-    """Stop the agent of VM `name` (if any) and remove its socket."""
-    pid = agent_pid(name)
-    if pid is not None:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    """Stop the agent of VM `name` (if any) and remove its socket. Only the process that
+    holds the agent's lock and started when its lock file says is signalled."""
+    proc = agent_process(name)
+    if proc is not None:
+        _signal_agent(proc, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while agent_running(name) and time.monotonic() < deadline:
+        while agent_process(name) == proc and time.monotonic() < deadline:
             time.sleep(0.02)
-        if agent_running(name):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            while agent_running(name) and time.monotonic() < deadline + 2:
+        if agent_process(name) == proc:
+            _signal_agent(proc, signal.SIGKILL)
+            while agent_process(name) == proc and time.monotonic() < deadline + 2:
                 time.sleep(0.02)
     # A socket without a live agent behind it is stale.
     if not agent_running(name):
@@ -395,6 +401,15 @@ def stop_agent(name: str, timeout: float = 5.0) -> None:
             socket_path(name).unlink()
         except FileNotFoundError:
             pass
+
+
+def _signal_agent(proc: tuple[int, int | None], signum: int) -> None:
+    from ..procid import signal_process, start_time
+
+    pid, started = proc
+    if started is None:   # an older agent's lock (pid only), held right now: it is that pid
+        started = start_time(pid)
+    signal_process(pid, started, signum)
 
 
 def spawn_agent(target: "GuestTarget", forwards: list | None = None) -> None:

@@ -428,7 +428,17 @@ def start_unit(name: str) -> None:
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         write_unit(name, state="active", substate="running", result="success",
-                   boot_pid=boot.pid, **_now_fields())
+                   boot_pid=boot.pid, boot_start=_start_time(boot.pid), **_now_fields())
+
+
+def _start_time(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat: with the pid, names one process for good."""
+    try:
+        with open(f"/proc/{int(pid)}/stat", "rb") as fh:
+            data = fh.read()
+        return int(data[data.rfind(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _fail_boot(name: str, *messages: str) -> None:
@@ -567,7 +577,10 @@ def boot(name: str) -> int:
 def _halt_guest(name: str, state: dict) -> None:
     directory = vm_dir(name)
     pid = state.get("boot_pid")
-    if pid:  # still booting: its own session, so the whole group goes
+    # Still booting: its own session, so the whole group goes; only if that pid is still the
+    # boot process (its start time), never a process that got the pid since.
+    if pid and state.get("boot_start") is not None \
+            and _start_time(pid) == state.get("boot_start"):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
     if (directory / "guest" / "sshd_config").exists():

@@ -94,19 +94,21 @@ def kill_agents(runtime: Path) -> None:
     for lock in runtime.glob("mariner/*.lock"):
         if not lock_is_held(lock):
             continue
+        from mariner_dev.procid import signal_process, start_time
+
         try:
-            pid = int(lock.read_text().split()[0])
-            os.kill(pid, signal.SIGTERM)
+            fields = lock.read_text().split()
+            pid = int(fields[0])
+            started = int(fields[1]) if len(fields) > 1 else start_time(pid)
         except (OSError, ValueError, IndexError):
+            continue
+        if not signal_process(pid, started, signal.SIGTERM):
             continue
         deadline = time.monotonic() + 5
         while lock_is_held(lock) and time.monotonic() < deadline:
             time.sleep(0.02)
         if lock_is_held(lock):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+            signal_process(pid, started, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
