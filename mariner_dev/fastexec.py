@@ -331,7 +331,10 @@ def _resolve_slow(project: str | None) -> dict:
 
 
 def _write_cache(path: str, data: dict) -> None:
+    from .paths import ensure_runtime_dir
+
     try:
+        ensure_runtime_dir()
         directory = os.path.dirname(path)
         os.makedirs(directory, mode=0o700, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"

@@ -78,18 +78,95 @@ def microvms_dir() -> Path:
 
 
 def runtime_dir() -> Path:
-    """A short directory for Unix sockets: $XDG_RUNTIME_DIR/mariner or /tmp/mariner-<uid>."""
+    """A short directory for Unix sockets: $XDG_RUNTIME_DIR/mariner or /tmp/mariner-<uid>
+    (verified when it exists: see ensure_runtime_dir)."""
     from pathlib import Path
 
     return Path(runtime_dir_str())
 
 
-def runtime_dir_str() -> str:
-    """runtime_dir() as a string (normalized as str(runtime_dir()) is)."""
+TMP = "/tmp"          # where the runtime directory goes without XDG_RUNTIME_DIR
+_verified: str | None = None
+
+
+def _runtime_candidate() -> tuple[str, str | None]:
+    """(the runtime directory, the XDG_RUNTIME_DIR it is in or None)."""
     xdg = xdg_dir("XDG_RUNTIME_DIR")
     if xdg and os.path.isdir(xdg):
-        return _normalized(os.path.join(xdg, "mariner"))
-    return f"/tmp/mariner-{os.getuid()}"
+        return _normalized(os.path.join(xdg, "mariner")), xdg
+    return f"{TMP}/mariner-{os.getuid()}", None
+
+
+def runtime_dir_str() -> str:
+    """runtime_dir() as a string (normalized as str(runtime_dir()) is), verified when it
+    exists: raises StateError for one that another user could control."""
+    global _verified
+    path, xdg = _runtime_candidate()
+    if path != _verified and _check_runtime(path, xdg, create=False):
+        _verified = path
+    return path
+
+
+def ensure_runtime_dir() -> str:
+    """Create the runtime directory (0700) if needed and verify it: the user's own real
+    directory, mode 0700, in an XDG_RUNTIME_DIR of the user's own that no one else can
+    write to. StateError (one line) otherwise: nothing is created in a directory another
+    user controls, as OpenSSH and tmux refuse."""
+    global _verified
+    path, xdg = _runtime_candidate()
+    _check_runtime(path, xdg, create=True)
+    _verified = path
+    return path
+
+
+def _refuse(message: str) -> Exception:
+    from .errors import StateError
+
+    return StateError(message)
+
+
+def _check_runtime(path: str, xdg: str | None, create: bool) -> bool:
+    """True when `path` is a safe runtime directory; False when it does not exist (and
+    `create` is off); raises StateError when it is not safe."""
+    import stat
+
+    uid = os.getuid()
+    if xdg is not None:
+        st = os.stat(xdg)
+        if st.st_uid != uid:
+            raise _refuse(f"XDG_RUNTIME_DIR={xdg} belongs to uid {st.st_uid}, not to you "
+                          f"(uid {uid}): mariner keeps its agent sockets only in a directory "
+                          f"of your own; unset XDG_RUNTIME_DIR or point it at yours")
+        if st.st_mode & 0o022:
+            raise _refuse(f"XDG_RUNTIME_DIR={xdg} is writable by other users (mode "
+                          f"{stat.S_IMODE(st.st_mode):04o}): mariner keeps its agent sockets "
+                          f"only where no one else can plant one; `chmod 700 {xdg}`")
+    if create:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if create:
+            raise
+        return False
+    what = None
+    if stat.S_ISLNK(st.st_mode):
+        what = "is a symbolic link"
+    elif not stat.S_ISDIR(st.st_mode):
+        what = "is not a directory"
+    elif st.st_uid != uid:
+        what = f"belongs to uid {st.st_uid}, not to you (uid {uid})"
+    elif stat.S_IMODE(st.st_mode) & 0o077:
+        what = f"has mode {stat.S_IMODE(st.st_mode):04o}, not 0700"
+    if what is not None:
+        raise _refuse(f"the runtime directory {path} {what}: mariner keeps its agent sockets "
+                      f"and caches only in a directory of your own with mode 0700; remove it "
+                      f"(if someone else made it, ask an administrator) or set "
+                      f"XDG_RUNTIME_DIR")
+    return True
 
 
 def vm_dir(name: str) -> Path:

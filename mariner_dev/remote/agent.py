@@ -246,8 +246,15 @@ class Agent:
             csock, proto.frame(kind, proto.reply_payload(body, client_proto)))
 
     async def _client(self, csock: socket.socket) -> None:
+        from .client import peer_uid
+
         fds: list[int] = []
         csock.setblocking(False)
+        uid = peer_uid(csock)
+        if uid != os.getuid():
+            log(f"refused a client of uid {uid} (this agent serves uid {os.getuid()} only)")
+            csock.close()
+            return
         try:
             try:
                 hello = await self._recv_hello(csock, fds)
@@ -484,7 +491,13 @@ def main(argv: list[str]) -> int:
         target, forwards = GuestTarget.from_json(spec["target"]), spec.get("forwards") or []
     else:  # a bare target: no forwards
         target, forwards = GuestTarget.from_json(spec), []
-    paths.ensure_private_dir(paths.runtime_dir())
+    from ..errors import MarinerError
+
+    try:
+        paths.ensure_runtime_dir()
+    except MarinerError as exc:
+        log(str(exc))
+        return 1
     lock_fd = _take_lock(target.name)
     if lock_fd is None:
         log(f"another agent for VM {target.name} is running; exiting")

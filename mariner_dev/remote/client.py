@@ -180,7 +180,24 @@ def _open(name: str) -> _UnixSocket:
     except OSError as exc:
         sock.close()
         raise AgentUnavailable(f"cannot connect to the agent socket {path}: {exc}")
+    uid = peer_uid(sock)
+    if uid != os.getuid():
+        # Not our agent: it gets nothing from us, not the HELLO, not our stdio.
+        sock.close()
+        raise _unreachable(f"the agent socket {path} is served by uid {uid}, not by you "
+                           f"(uid {os.getuid()}): mariner sent it nothing; remove the socket "
+                           f"and find out who made it")
     return sock
+
+
+def peer_uid(sock) -> int:
+    """The uid of the process at the other end of a Unix socket (SO_PEERCRED), -1 if the
+    kernel does not say."""
+    try:
+        creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
+    except (OSError, AttributeError):
+        return -1
+    return int.from_bytes(creds[4:8], sys.byteorder)     # struct ucred: pid, uid, gid
 
 
 def _handshake(sock: _UnixSocket, name: str, hello: bytes,
@@ -419,7 +436,7 @@ def spawn_agent(target: "GuestTarget", forwards: list | None = None) -> None:
     import subprocess
     from pathlib import Path
 
-    paths.ensure_private_dir(paths.runtime_dir())
+    paths.ensure_runtime_dir()
     package_root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
     env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"]
