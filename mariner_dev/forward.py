@@ -59,6 +59,7 @@ class ForwardState:
     last_error: str | None = None    # the last failure carrying a connection
     listening: bool = False
     error: str | None = None         # why the host port is not listening (port in use, ...)
+    given_up: str | None = None      # set when the port is no longer tried: what to do
 
     @property
     def state(self) -> str:
@@ -68,10 +69,14 @@ class ForwardState:
         return "failed" if self.error else "stopped"
 
     def to_json(self) -> dict:
+        error = self.error
+        if error and self.given_up and not self.listening:
+            error = f"{error}; {self.given_up}"
         return {"forward": str(self.forward), "host": f"{LISTEN}:{self.forward.host}",
                 "guest": f"{LISTEN}:{self.forward.guest}", "state": self.state,
-                "error": self.error, "active": self.active, "total": self.total,
-                "last_error": self.last_error}
+                "error": error, "active": self.active, "total": self.total,
+                "last_error": self.last_error, "retrying": bool(self.error and
+                                                                not self.given_up)}
 
 
 class Forwarder:
@@ -114,11 +119,23 @@ class Forwarder:
         state.listening, state.error = True, None
         return True
 
+    def give_up(self, why: str) -> None:
+        """Stop trying the ports that could not be taken (retry_failed() skips them) and say
+        `why` in their state, until resume()."""
+        for state in self.failed():
+            state.given_up = why
+
+    def resume(self) -> None:
+        for state in self.states:
+            state.given_up = None
+
     async def retry_failed(self) -> list[ForwardState]:
-        """Try again the host ports that could not be taken; the forwards now listening."""
+        """Try again the host ports that could not be taken (and not given up); the forwards
+        now listening."""
         taken = []
         for state in self.states:
-            if not state.listening and state.error and await self._take(state, True):
+            if not state.listening and state.error and not state.given_up \
+                    and await self._take(state, True):
                 self.say(f"forward {state.forward}: listening on {LISTEN}:{state.forward.host}")
                 taken.append(state)
         return taken

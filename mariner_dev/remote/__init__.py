@@ -90,6 +90,6 @@ def start_agent(cfg, record) -> None:
     from .target import target_for
 
     try:
-        ensure_agent(target_for(cfg, record))
+        ensure_agent(target_for(cfg, record), retry_ports=True)
     except AgentUnavailable:
         pass

@@ -43,7 +43,8 @@ def log(message: str) -> None:
 
 class Agent:
     def __init__(self, target: GuestTarget, listener: socket.socket,
-                 forwards: list[tuple[int, int]] = ()):
+                 forwards: list[tuple[int, int]] = (),
+                 port_retry: tuple[float, float] = (proto.PORT_RETRY, proto.PORT_RETRY_WINDOW)):
         self.target = target
         self.listener = listener
         self.build = proto.build_hash()
@@ -51,6 +52,9 @@ class Agent:
         self.forward_list = [(int(h), int(g)) for h, g in forwards]
         self.forwards_fingerprint = proto.forwards_fingerprint(self.forward_list)
         self.forwarder = None
+        self.port_retry, self.port_window = (float(x) for x in port_retry)
+        self.retry_until = 0.0
+        self.retry_task: asyncio.Task | None = None
         self.syncer = None
         self.conn = None
         self.connected = asyncio.Event()
@@ -74,9 +78,10 @@ class Agent:
         tasks = [asyncio.create_task(self._accept_loop()),
                  asyncio.create_task(self._keep_connected()),
                  asyncio.create_task(self._watch())]
-        if self.forwarder is not None:
-            tasks.append(asyncio.create_task(self._retry_ports()))
+        self._renew_port_retry()
         await self.stopping.wait()
+        if self.retry_task is not None:
+            tasks.append(self.retry_task)
         for task in tasks:
             task.cancel()
         if self.forwarder is not None:
@@ -99,10 +104,30 @@ class Agent:
         if held:
             log(f"forwarding {', '.join(held)}")
 
+    def _renew_port_retry(self) -> None:
+        """Try the ports that could not be taken every port_retry seconds, for port_window
+        seconds from now (the agent's start, or an `up`); then give up on them."""
+        if self.forwarder is None or not self.forwarder.failed():
+            return
+        self.forwarder.resume()
+        self.retry_until = time.monotonic() + self.port_window
+        if self.retry_task is None or self.retry_task.done():
+            self.retry_task = asyncio.create_task(self._retry_ports())
+
     async def _retry_ports(self) -> None:
-        while True:
-            await asyncio.sleep(proto.PORT_RETRY)
-            if self.forwarder.failed():
+        while self.forwarder.failed():
+            remaining = self.retry_until - time.monotonic()
+            if remaining <= 0:
+                # Never later, behind the user's back: a host client that finds the port
+                # free by then must not be talking to the VM without anyone asking for it.
+                self.forwarder.give_up(
+                    f"not forwarded: the agent stopped trying {self.port_window:g} s after "
+                    f"it started or `mariner up` ran; free the port and run `mariner up`")
+                log("gave up on the forwards whose host port is taken: "
+                    + ", ".join(str(s.forward) for s in self.forwarder.failed()))
+                return
+            await asyncio.sleep(min(self.port_retry, remaining))
+            if time.monotonic() < self.retry_until:
                 await self.forwarder.retry_failed()
 
     async def _conn_for_forward(self):
@@ -274,6 +299,11 @@ class Agent:
                 self.stopping.set()
                 return
             if op in ("ping", "forwards"):
+                if op == "ping" and hello.get("retry_ports") and self.forwarder is not None:
+                    # `up`: the ports that were taken get another chance, now and for a while.
+                    self.forwarder.resume()
+                    await self.forwarder.retry_failed()
+                    self._renew_port_retry()
                 await self._send(csock, proto.READY, self._ready())
             elif op == "exec":
                 await self._exec(csock, hello.get("request") or {}, fds)
@@ -487,8 +517,10 @@ def _take_lock(name: str) -> int | None:
 
 def main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
+    port_retry = (proto.PORT_RETRY, proto.PORT_RETRY_WINDOW)
     if "target" in spec:
         target, forwards = GuestTarget.from_json(spec["target"]), spec.get("forwards") or []
+        port_retry = tuple(spec.get("port_retry") or port_retry)
     else:  # a bare target: no forwards
         target, forwards = GuestTarget.from_json(spec), []
     from ..errors import MarinerError
@@ -518,7 +550,7 @@ def main(argv: list[str]) -> int:
     inode = os.stat(path).st_ino
     log(f"serving VM {target.name} ({target.describe()}) on {path}")
     try:
-        asyncio.run(Agent(target, listener, forwards).serve())
+        asyncio.run(Agent(target, listener, forwards, port_retry).serve())
     finally:
         listener.close()
         try:

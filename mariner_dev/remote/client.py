@@ -159,13 +159,16 @@ def _garbled(name: str, detail) -> Exception:
 
 
 def _hello(target: "GuestTarget", op: str, request: dict | None = None, *,
-           forwards: list | None = None, probe: bool = False) -> bytes:
+           forwards: list | None = None, probe: bool = False,
+           retry_ports: bool = False) -> bytes:
     body = {"proto": proto.PROTO, "build": proto.build_hash(), "target": target.fingerprint(),
             "op": op, "request": request}
     if forwards is not None:
         body["forwards"] = proto.forwards_fingerprint(forwards)
     if probe:
         body["probe"] = True
+    if retry_ports:
+        body["retry_ports"] = True
     return proto.frame(proto.HELLO, proto.dumps(body))
 
 
@@ -228,13 +231,16 @@ def _handshake(sock: _UnixSocket, name: str, hello: bytes,
     raise AgentUnavailable(f"unexpected reply from the agent ({kind!r})")
 
 
-def ping(target: "GuestTarget", forwards: list | None = None) -> dict:
+def ping(target: "GuestTarget", forwards: list | None = None,
+         retry_ports: bool = False) -> dict:
     """Handshake only: raises AgentUnavailable (stale=True for another build/target, or for
-    another `[ports] forward` list when `forwards` is given)."""
+    another `[ports] forward` list when `forwards` is given). With retry_ports (`up`), the
+    agent tries again, for a while, the host ports it could not take."""
     sock = _open(target.name)
     with sock:
         sock.settimeout(5.0)
-        return _handshake(sock, target.name, _hello(target, "ping", forwards=forwards))
+        return _handshake(sock, target.name, _hello(target, "ping", forwards=forwards,
+                                                    retry_ports=retry_ports))
 
 
 def agent_forwards(target: "GuestTarget", timeout: float = 2.0) -> dict:
@@ -292,9 +298,10 @@ def forward_warnings(table: list[dict]) -> list[str]:
             continue
         port = str(entry.get("host", "")).rpartition(":")[2]
         lines.append(f"warning: {entry.get('error')}; the agent holds the other forwards and "
-                     f"tries this one again every {proto.PORT_RETRY:g} s: free the port "
+                     f"tries this one again every {proto.PORT_RETRY:g} s for "
+                     f"{proto.PORT_RETRY_WINDOW:g} s, then no more: free the port "
                      f"(`ss -ltnp 'sport = :{port}'` shows what holds it) or change "
-                     f"[ports] forward and run `mariner up`")
+                     f"[ports] forward, and run `mariner up`")
     return lines
 
 
@@ -429,9 +436,11 @@ def _signal_agent(proc: tuple[int, int | None], signum: int) -> None:
     signal_process(pid, started, signum)
 
 
-def spawn_agent(target: "GuestTarget", forwards: list | None = None) -> None:
+def spawn_agent(target: "GuestTarget", forwards: list | None = None,
+                port_retry: tuple[float, float] | None = None) -> None:
     """Start a detached agent process for `target` holding `forwards` ([(HOST, GUEST)...]);
-    it exits by itself if one is running."""
+    it exits by itself if one is running. `port_retry` (seconds between tries, for how long)
+    overrides proto.PORT_RETRY and PORT_RETRY_WINDOW."""
     import json
     import subprocess
     from pathlib import Path
@@ -447,7 +456,8 @@ def spawn_agent(target: "GuestTarget", forwards: list | None = None) -> None:
         subprocess.Popen(
             [sys.executable, "-m", "mariner_dev.remote.agent",
              json.dumps({"target": target.to_json(),
-                         "forwards": [list(pair) for pair in forwards or []]})],
+                         "forwards": [list(pair) for pair in forwards or []],
+                         "port_retry": list(port_retry) if port_retry else None})],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/", env=env,
             start_new_session=True, close_fds=True)
     finally:
@@ -455,7 +465,8 @@ def spawn_agent(target: "GuestTarget", forwards: list | None = None) -> None:
 
 
 def ensure_agent(target: "GuestTarget", timeout: float = START_TIMEOUT, *,
-                 forwards: list | None = None, warn=_warn_stderr) -> dict:
+                 forwards: list | None = None, warn=_warn_stderr,
+                 retry_ports: bool = False) -> dict:
     """A live agent of the current build for `target`: reuse, replace a stale one, or start one.
 
     `forwards` ([(HOST, GUEST)...], default: the project's `[ports] forward`) is what the
@@ -468,7 +479,7 @@ def ensure_agent(target: "GuestTarget", timeout: float = START_TIMEOUT, *,
     spawns, spawned_at, last = 0, 0.0, "did not start"
     while True:
         try:
-            info = ping(target, forwards)
+            info = ping(target, forwards, retry_ports=retry_ports)
             for line in forward_warnings(info.get("forwards") or []):
                 warn(line)
             return info

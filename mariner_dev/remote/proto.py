@@ -20,7 +20,11 @@ agent holds and their state), `sync` (READY when accepted, then RESULT with the 
 ERROR). A HELLO whose build or target differs from the agent's gets ERROR "stale" and the agent
 steps down, unless the HELLO is a `probe` (read-only queries such as `status`): then the agent
 only answers. A HELLO may carry `forwards` (the fingerprint of the `[ports] forward` list the
-caller expects, as `up` sends it); a different one is stale too.
+caller expects, as `up` sends it); a different one is stale too. A `ping` from `up` says
+`retry_ports`: the agent tries the host ports it could not take once more, and again every
+PORT_RETRY seconds for PORT_RETRY_WINDOW seconds (as after its own start); after that a port
+that was taken stays unforwarded until the next `up`: the agent never binds a port later,
+behind the user's back.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ if TYPE_CHECKING:  # the exec fast path does not import pathlib
 PROTO = 2
 
 HELLO = b"H"     # client -> agent: {"proto", "build", "target", "op", "request",
-                 #                   "forwards"?, "probe"?}
+                 #                   "forwards"?, "probe"?, "retry_ports"?}
 READY = b"R"     # agent -> client: {"pid", "build", "connected", "forwards"?}
 ERROR = b"E"     # agent -> client: {"kind": "stale"|"unreachable"|"failed"|"bad", "message",
                  #                   "hint"?, "exit_code"?}
@@ -46,6 +50,7 @@ RESIZE = b"W"    # client -> agent: {"cols", "rows"}
 HEADER_SIZE = 5
 MAX_FRAME = 64 << 20     # a sync report of many thousands of changes stays well below
 PORT_RETRY = 5.0         # seconds between the agent's tries of a forward whose port was taken
+PORT_RETRY_WINDOW = 30.0  # ... for this long after it started or `up` asked; then never again
 
 
 def forwards_fingerprint(forwards) -> str:
