@@ -396,14 +396,17 @@ def run_shell(opts: ExecOptions, command: str | None = None) -> int:
 
 
 def print_error(exc: "MarinerError") -> None:
-    """The edge's one-line format, without importing the typer app."""
-    lines = str(exc).splitlines() or [""]
+    """The edge's one-line format, without importing the typer app. Control characters in
+    the message (guest output, file names, config values in it) are escaped (termsafe)."""
+    from .termsafe import printable
+
+    lines = printable(str(exc), keep_newlines=True).splitlines() or [""]
     if len(lines) == 1:
         sys.stderr.write(f"mariner: error: {lines[0]}\n")
     else:
         sys.stderr.write("mariner: error:\n" + "".join(f"  {line}\n" for line in lines))
     if exc.hint:
-        sys.stderr.write(f"  hint: {exc.hint}\n")
+        sys.stderr.write(f"  hint: {printable(exc.hint)}\n")
 
 
 REPORT_BUG = ("this is a bug in mariner: please report it to the mariner project's issue "

@@ -63,11 +63,21 @@ class AppContext:
         """A rich console on stderr, for progress and messages meant for people.
 
         No markup: messages carry `[dotfiles]`, `[ports]` and paths that rich would take for
-        style tags. Soft wrap: a long path is never broken across lines."""
+        style tags. Soft wrap: a long path is never broken across lines. Text is printed with
+        its control characters escaped (termsafe): messages carry guest output, file names and
+        config values."""
         if self._stderr is None:
             from rich.console import Console
 
-            self._stderr = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
+            from ..termsafe import printable
+
+            class SafeConsole(Console):
+                def print(self, *objects, **kwargs):
+                    super().print(*(printable(o, keep_newlines=True) if isinstance(o, str)
+                                    else o for o in objects), **kwargs)
+
+            self._stderr = SafeConsole(stderr=True, highlight=False, markup=False,
+                                       soft_wrap=True)
         return self._stderr
 
     def load(self):

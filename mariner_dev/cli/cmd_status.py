@@ -77,7 +77,9 @@ def _print_status(result) -> None:
         lines.append("note:     this VM was not created by mariner")
     elif result.state in _NEXT:
         lines.append(f"next:     {_NEXT[result.state]}")
-    print("\n".join(lines))
+    from ..termsafe import printable
+
+    print("\n".join(printable(line) for line in lines))
 
 
 # What to do about a VM that is not running (a VM mariner did not create is not ours to start).

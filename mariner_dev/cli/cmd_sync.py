@@ -9,8 +9,17 @@ from .app import JsonOpt, ProjectOpt, app, context
 
 
 def _say(line: str) -> None:
-    sys.stdout.write(line + "\n")
+    """One line about the sync (file names: escaped, they may come from a repository)."""
+    from ..termsafe import printable
+
+    sys.stdout.write(printable(line) + "\n")
     sys.stdout.flush()
+
+
+def _warn(line: str) -> None:
+    from ..termsafe import printable
+
+    sys.stderr.write(printable(line) + "\n")
 
 
 @app.command("sync")
@@ -56,7 +65,8 @@ def sync(
     for line in result["lines"]:
         _say(line)
     # Plain writes: rich's console costs more to import than the agent takes for a no-op sync.
-    sys.stderr.write("".join(line + "\n" for line in result["warnings"] + [result["summary"]]))
+    for line in result["warnings"] + [result["summary"]]:
+        _warn(line)
     sys.stderr.flush()
 
 
@@ -74,4 +84,4 @@ def _sync_now(ctx, cfg, record, dry_run: bool) -> dict:
     return dispatch.sync(target_for(cfg, record), request, direct,
                          forwards=[(p.host, p.guest) for p in cfg.ports],
                          verbose=bool(ctx.verbose),
-                         warn=lambda line: sys.stderr.write(f"mariner: {line}\n"))
+                         warn=lambda line: _warn(f"mariner: {line}"))

@@ -30,7 +30,9 @@ class PhaseDisplay:
         if self._status is not None:
             self._status.update(f"{phase}  [{elapsed:4.1f}s]")
         else:
-            sys.stderr.write(f"mariner: {phase}\n")
+            from ..termsafe import printable
+
+            sys.stderr.write(f"mariner: {printable(phase)}\n")
             sys.stderr.flush()
 
     def __exit__(self, *exc) -> None:

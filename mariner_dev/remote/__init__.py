@@ -79,7 +79,9 @@ def run_hook(target: "GuestTarget", command: str, cwd: str, env: dict,
     out_fd = sys.stderr.fileno() if output_to_stderr else sys.stdout.fileno()
     outcome = run_direct(target, request, fds=(None, out_fd, sys.stderr.fileno()))
     if outcome.message:
-        sys.stderr.write(f"mariner: {outcome.message}\n")
+        from ..termsafe import printable
+
+        sys.stderr.write(f"mariner: {printable(outcome.message)}\n")
     return outcome.status
 
 

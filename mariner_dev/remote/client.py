@@ -306,7 +306,7 @@ def forward_warnings(table: list[dict]) -> list[str]:
 
 
 def _warn_stderr(line: str) -> None:
-    sys.stderr.write(f"mariner: {line}\n")
+    sys.stderr.write(f"mariner: {_printable(line)}\n")
     sys.stderr.flush()
 
 

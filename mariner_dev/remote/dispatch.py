@@ -82,7 +82,9 @@ def execute(target: "GuestTarget", request: "ExecRequest", *, fds=(0, 1, 2),
                   enabled=request.tty and request.stdin and fds[0] is not None):
         outcome = session.run_direct(target, request, fds, trust_new=trust_new)
     if outcome.message:
-        sys.stderr.write(f"mariner: {outcome.message}\n")
+        from ..termsafe import printable
+
+        sys.stderr.write(f"mariner: {printable(outcome.message)}\n")
     return outcome.status
 
 
@@ -113,7 +115,10 @@ def _via_agent(target, mode: str, verbose: bool, serve, *, forwards: list | None
             raise GuestUnreachable(f"MARINER_AGENT=require, but the agent for VM "
                                    f"{target.name} cannot serve: {exc.reason}") from None
         if verbose:
-            sys.stderr.write(f"mariner: agent unavailable ({exc.reason}); connecting directly\n")
+            from ..termsafe import printable
+
+            sys.stderr.write(f"mariner: agent unavailable ({printable(exc.reason)}); "
+                             f"connecting directly\n")
     return _DIRECT
 
 
@@ -131,7 +136,9 @@ def _verbose_warn(verbose: bool):
     without it, stderr is the remote command's alone."""
     def warn(line: str) -> None:
         if verbose:
-            sys.stderr.write(f"mariner: {line}\n")
+            from ..termsafe import printable
+
+            sys.stderr.write(f"mariner: {printable(line)}\n")
     return warn
 
 

@@ -136,3 +136,17 @@ def test_a_handshake_answer_of_another_kind_replaces_the_agent(project, tmp_path
         fake.close()
     assert (result.returncode, result.stdout) == (0, b"served\n"), result.stderr
     assert (tmp_path / "p").read_text().split() == ["agent"]
+
+
+def test_a_message_from_the_agent_is_printed_escaped(project):
+    """An EXIT message carries text from the guest's side (a lost connection's reason)."""
+    remote.stop_agent(project.name)
+    fake = FakeAgent(project.name, [READY, proto.frame(proto.EXIT, marshal.dumps(
+        {"status": 125, "message": "lost the connection (\x1b]0;owned\x07\x1b[2J)"}))])
+    try:
+        result = run_mariner("exec", "--", "true", cwd=project.dir,
+                             env={"MARINER_AGENT": "require"}, timeout=30)
+    finally:
+        fake.close()
+    assert result.returncode == 125
+    assert result.stderr == b"mariner: lost the connection (\\x1b]0;owned\\x07\\x1b[2J)\n"
