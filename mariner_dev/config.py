@@ -606,6 +606,7 @@ class _Resolver:
             repository=self.get("dotfiles", "repository"),
             install=self.get("dotfiles", "install"),
             target=target,
+            timeout=self.get("dotfiles", "timeout", default=600),
         )
 
     def ssh(self) -> m.SshSettings:

@@ -95,6 +95,7 @@ class DotfilesSettings:
     repository: str | None
     install: str | None
     target: str
+    timeout: int = 600        # seconds for the repository's clone, and for its install
 
 
 @dataclass(frozen=True)

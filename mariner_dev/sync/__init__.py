@@ -57,7 +57,7 @@ def spec_request(cfg, guest_root: str | None = None) -> dict:
     return {"name": cfg.name, "home": str(Path.home()),
             "files": [str(p) for p in settings.files], "allow": [str(p) for p in settings.allow],
             "repository": settings.repository, "install": settings.install,
-            "target": settings.target, "guest_root": guest_root}
+            "target": settings.target, "timeout": settings.timeout, "guest_root": guest_root}
 
 
 def outcome(report: "SyncReport") -> dict:

@@ -66,7 +66,7 @@ def _spec(name: str, settings, guest_root: str | None, home: Path) -> SyncSpec:
     repo = None
     if settings.repository:
         repo = RepositorySettings(url=settings.repository, install=settings.install,
-                                  target=settings.target)
+                                  target=settings.target, timeout=settings.timeout)
     return SyncSpec(name=name, home=home, roots=tuple(roots),
                     allow=AllowList.from_paths(settings.allow, home),
                     problems=tuple(problems), repository=repo, guest_root=guest_root)
@@ -79,7 +79,7 @@ def spec_from_request(data: dict) -> SyncSpec:
     settings = DotfilesSettings(files=tuple(Path(p) for p in data["files"]),
                                 allow=tuple(Path(p) for p in data["allow"]),
                                 repository=data.get("repository"), install=data.get("install"),
-                                target=data["target"])
+                                target=data["target"], timeout=int(data.get("timeout") or 600))
     return _spec(data["name"], settings, data.get("guest_root"), Path(data["home"]))
 
 
@@ -270,7 +270,10 @@ async def _sync(conn, sftp, spec: SyncSpec, scopes: list[str] | None, dry_run: b
 
         # Reading the host and listing the guest overlap: one waits on disks, one on the wire.
         scan, inspected = await loop.run_in_executor(None, scan_and_read)
-        view = await tree.list_dirs(_dirs_to_list(scan, manifest, spec, scopes))
+        dirs = _dirs_to_list(scan, manifest, spec, scopes)
+        wanted = dirs | scan.entries.keys() | manifest.entries.keys() \
+            | {root.rel for root in spec.roots}
+        view = await tree.list_dirs(dirs, wanted)
         links = [rel for rel, e in scan.entries.items() if e.kind == LINK]
         await tree.read_links(view, links)
         plan = make_plan(scan, inspected, view, manifest, list(spec.roots), scopes)

@@ -20,6 +20,7 @@ from .plan import GuestAttrs, GuestView
 from .tree import DIR, FILE, LINK, HostEntry, check_rel
 
 CONCURRENCY = 64
+LEFTOVERS = 256     # temporary files of an interrupted sync picked up per directory and sync
 CHUNK = 256 * 1024
 EXCL_FLAGS = asyncssh.FXF_WRITE | asyncssh.FXF_CREAT | asyncssh.FXF_EXCL
 
@@ -64,26 +65,43 @@ class GuestTree:
         return self.path(f"{directory}/{name}" if directory else name)
 
     # -- reading ---------------------------------------------------------------------------
-    async def list_dirs(self, rels) -> GuestView:
-        """The listings of `rels` (lstat attributes per name), symlink targets resolved."""
+    async def list_dirs(self, rels, wanted=None) -> GuestView:
+        """The listings of `rels` (lstat attributes per name), symlink targets resolved.
+
+        With `wanted` (a set of rels), a listing keeps only the names in it, plus a bounded
+        number of an interrupted sync's temporary files: the directories are read as a
+        stream, so memory does not grow with what else the guest keeps there (a guest home
+        of a million files costs time on the wire, not memory)."""
+        from .plan import TMP_NAME
+
         view = GuestView()
 
+        def keep(rel: str, name: str, leftovers: list[int]) -> bool:
+            if wanted is None:
+                return True
+            if (f"{rel}/{name}" if rel else name) in wanted:
+                return True
+            if leftovers[0] < LEFTOVERS and TMP_NAME.fullmatch(name):
+                leftovers[0] += 1
+                return True
+            return False
+
         async def one(rel: str) -> None:
+            listing = {}
+            leftovers = [0]
             async with self.limit:
                 try:
-                    names = await self.sftp.readdir(self.path(rel))
+                    async for item in self.sftp.scandir(self.path(rel)):
+                        name = os.fsdecode(item.filename)
+                        if name in (".", "..") or not keep(rel, name, leftovers):
+                            continue
+                        listing[name] = _attrs(item.attrs)
                 except asyncssh.SFTPNoSuchFile:
                     view.listings[rel] = None
                     return
                 except asyncssh.SFTPError:
                     view.listings[rel] = GuestView.BLOCKED
                     return
-            listing = {}
-            for item in names:
-                name = os.fsdecode(item.filename)
-                if name in (".", ".."):
-                    continue
-                listing[name] = _attrs(item.attrs)
             view.listings[rel] = listing
 
         await asyncio.gather(*(one(rel) for rel in set(rels)))

@@ -32,6 +32,7 @@ class RepositorySettings:
     url: str
     install: str | None
     target: str                 # "~/dotfiles" or a path relative to the guest home
+    timeout: int = 600          # seconds for the clone, and again for the install
 
     @property
     def target_rel(self) -> str:
@@ -121,11 +122,36 @@ done
 """
 
 
-async def _run(conn, script: str) -> tuple[int, list[str]]:
+async def _run(conn, script: str, timeout: float | None = None,
+               what: str = "command") -> tuple[int, list[str]]:
+    """Run `script` in the guest; its status and output lines. A run longer than `timeout`
+    seconds is stopped (TERM, then KILL, to its process group) and is a RepositoryError."""
+    import asyncio
+
+    import asyncssh
+
     from ..remote.command import build_command
 
     command = build_command(None, workdir=None, env={}, shell_command=script)
-    result = await conn.run(command, encoding="utf-8", errors="replace")
+    proc = await conn.create_process(command, encoding="utf-8", errors="replace")
+    try:
+        result = await proc.wait(timeout=timeout)
+    except (asyncssh.TimeoutError, asyncio.TimeoutError):
+        for sig in ("TERM", "KILL"):
+            try:
+                proc.send_signal(sig)
+            except (asyncssh.Error, OSError, ValueError):
+                pass
+            await asyncio.sleep(0.5)
+        proc.close()
+        from ..paths import user_config_file
+
+        raise RepositoryError(
+            f"the dotfiles repository's {what} did not finish within {timeout:g} s and was "
+            f"stopped", hint=f"if it needs longer, raise [dotfiles] timeout in "
+                             f"{user_config_file()}") from None
+    finally:
+        proc.close()
     status = result.exit_status if result.exit_status is not None else 255
     if result.exit_signal:
         status = 255
@@ -150,14 +176,16 @@ async def ensure_repository(conn, settings: RepositorySettings, home: str,
         return previous, [f"would clone or update {settings.url} in {where} and run its install"]
     owned = previous is not None and previous.get("target") == settings.target
     status, output = await _run(conn, clone_script(settings, home, owned=owned,
-                                                   set_home=explicit_root))
+                                                   set_home=explicit_root),
+                                settings.timeout, f"clone of {settings.url} into {where}")
     if status != 0:
         raise RepositoryError(f"could not clone the dotfiles repository {settings.url} into "
                               f"{where}:\n{_tail(output)}")
     lines = [f"repository {line[len(MARK):]} {where}"
              if line[len(MARK):] in ("cloned", "updated") else line[len(MARK):]
              for line in output if line.startswith(MARK)]
-    status, output = await _run(conn, install_script(settings, home, set_home=explicit_root))
+    status, output = await _run(conn, install_script(settings, home, set_home=explicit_root),
+                                settings.timeout, f"install in {where}")
     ran = [line[len(MARK):] for line in output if line.startswith(MARK)]
     if status != 0:
         what = ran[0] if ran else "the install"

@@ -294,3 +294,18 @@ def test_errors_from_both_files_are_reported_together(tmp_path):
         load_project(project_dir=root)
     got = {(p.file, p.key, p.line, p.column) for p in info.value.problems}
     assert got == {(str(root / "mariner.toml"), "vm.cpus", 2, 8), (str(path), "vm.uid", 2, 7)}
+
+
+def test_dotfiles_timeout_in_the_user_config(tmp_path):
+    assert load_project(project_dir=project(tmp_path, "")).dotfiles.timeout == 600
+    user_config('[dotfiles]\nrepository = "https://example.invalid/d"\ntimeout = 1200\n')
+    assert load_project(project_dir=project(tmp_path, "")).dotfiles.timeout == 1200
+    for bad, what in (("0", "below the minimum 1"), ('"10m"', "integer"),
+                      ("100000", "above the maximum")):
+        path = user_config(f'[dotfiles]\ntimeout = {bad}\n')
+        with pytest.raises(ConfigError) as info:
+            load_project(project_dir=project(tmp_path, ""))
+        (problem,) = info.value.problems
+        assert problem.file == str(path) and problem.key == "dotfiles.timeout", problem
+        assert (problem.line, problem.column) == (2, 11), problem
+        assert what in problem.message, problem

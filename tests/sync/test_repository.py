@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import subprocess
 from pathlib import Path
 
@@ -137,3 +138,21 @@ def test_a_bad_repository_is_an_error(project, guest_root, guest):
     with pytest.raises(RepositoryError) as info:
         sync_once(cfg, record, guest_root=str(guest_root))
     assert "could not clone" in info.value.message
+
+
+def test_an_install_that_hangs_is_stopped_after_the_timeout(project, dotrepo, guest_root):
+    url, _ = dotrepo({"install.sh": "#!/bin/sh\necho $$ > \"$HOME/install.pid\"\n"
+                                    "sleep 300\n"})
+    cfg, record = project(f'repository = "{url}"\ntimeout = 2\n').register()
+    assert cfg.dotfiles.timeout == 2
+    started = time.monotonic()
+    with pytest.raises(RepositoryError) as info:
+        sync_once(cfg, record, guest_root=str(guest_root))
+    assert time.monotonic() - started < 20
+    assert "install in ~/dotfiles did not finish within 2 s" in info.value.message
+    assert "[dotfiles] timeout" in info.value.hint
+    pid = int((guest_root / "install.pid").read_text())
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{pid}")          # stopped, not left running

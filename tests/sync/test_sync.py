@@ -222,3 +222,36 @@ def test_sync_dotfiles_is_what_up_calls(dotfiles, guest_root):
     report = sync_dotfiles(cfg, record, guest_root=str(guest_root))
     assert isinstance(report.fingerprint, str) and report.fingerprint == config_fingerprint(cfg)
     assert (guest_root / ".gitconfig").exists()
+
+
+def test_the_sync_keeps_only_what_it_manages_of_the_guest_listings(dotfiles, guest_root,
+                                                                   monkeypatch):
+    """A guest home of many files (a hostile VM can make millions): the sync's view of the
+    guest holds the names it manages, not every name in the directories it reads."""
+    from mariner_dev.sync import engine
+
+    cfg, record = dotfiles
+    clutter = [guest_root / f"clutter-{i:05d}" for i in range(3000)]
+    for path in clutter:
+        path.write_bytes(b"")
+    (guest_root / ".config" / "other-app").mkdir(parents=True)
+    for i in range(500):
+        (guest_root / ".config" / f"other-{i}").write_bytes(b"")
+    leftover = guest_root / ".config" / "nvim" / ".~mariner-0123456789abcdef.tmp"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"half a file")
+    give_to_guest(guest_root)
+    seen = []
+    real = engine.make_plan
+
+    def spy(scan, inspected, guest, *args, **kwargs):
+        seen.append(sum(len(v) for v in guest.listings.values() if isinstance(v, dict)))
+        return real(scan, inspected, guest, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "make_plan", spy)
+    report = sync_once(cfg, record, guest_root=str(guest_root))
+    assert len(report.changes) == 4
+    assert not leftover.exists()                 # an interrupted sync's file is still cleaned
+    assert all(path.exists() for path in clutter[:10])
+    # .gitconfig .config .local + nvim, init.lua, lua, plugins.lua, bin, tool, the leftover
+    assert seen and seen[0] <= 12, seen
