@@ -55,7 +55,9 @@ def coalesce_channel(chan) -> bool:
 
 async def open_sftp(conn):
     """An SFTP client on `conn` (bytes paths), its channel packing small requests together."""
-    sftp = await conn.start_sftp_client(path_encoding=None)
+    from .guest import timed
+
+    sftp = await timed(conn.start_sftp_client(path_encoding=None))
     writer = getattr(getattr(sftp, "_handler", None), "_writer", None)
     channel = getattr(writer, "channel", None)
     if channel is not None:

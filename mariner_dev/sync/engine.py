@@ -223,7 +223,9 @@ def _dirs_to_list(scan: HostScan, manifest: Manifest, spec: SyncSpec,
 async def guest_home(sftp: asyncssh.SFTPClient, spec: SyncSpec) -> bytes:
     if spec.guest_root:
         return os.fsencode(spec.guest_root)
-    return await sftp.realpath(b".")
+    from .guest import timed
+
+    return await timed(sftp.realpath(b"."))
 
 
 async def sync_over(conn: asyncssh.SSHClientConnection, spec: SyncSpec, *,

@@ -20,9 +20,25 @@ from .plan import GuestAttrs, GuestView
 from .tree import DIR, FILE, LINK, HostEntry, check_rel
 
 CONCURRENCY = 64
+OP_TIMEOUT = 60.0   # seconds one SFTP request may take before the guest counts as gone
+LIST_TIMEOUT = 300.0  # ... one directory listing (a guest may keep many files there)
 LEFTOVERS = 256     # temporary files of an interrupted sync picked up per directory and sync
 CHUNK = 256 * 1024
 EXCL_FLAGS = asyncssh.FXF_WRITE | asyncssh.FXF_CREAT | asyncssh.FXF_EXCL
+
+
+async def timed(awaitable, timeout: float | None = None):
+    """`awaitable` (an SFTP request), bounded (default OP_TIMEOUT): a guest that stops
+    answering while keeping the connection up (sshd answers the keepalives, not the SFTP
+    server) fails the sync instead of hanging it."""
+    timeout = OP_TIMEOUT if timeout is None else timeout
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except asyncio.TimeoutError:
+        from ..errors import GuestUnreachable
+
+        raise GuestUnreachable(f"the VM did not answer an SFTP request within {timeout:g} s; "
+                               f"is it overloaded? `mariner status` shows it") from None
 
 
 def _kind(attrs: SFTPAttrs) -> str:
@@ -90,12 +106,15 @@ class GuestTree:
             listing = {}
             leftovers = [0]
             async with self.limit:
-                try:
+                async def read() -> None:
                     async for item in self.sftp.scandir(self.path(rel)):
                         name = os.fsdecode(item.filename)
                         if name in (".", "..") or not keep(rel, name, leftovers):
                             continue
                         listing[name] = _attrs(item.attrs)
+
+                try:
+                    await timed(read(), LIST_TIMEOUT)
                 except asyncssh.SFTPNoSuchFile:
                     view.listings[rel] = None
                     return
@@ -116,7 +135,7 @@ class GuestTree:
                 return
             async with self.limit:
                 try:
-                    target = os.fsdecode(await self.sftp.readlink(self.path(rel)))
+                    target = os.fsdecode(await timed(self.sftp.readlink(self.path(rel))))
                 except asyncssh.SFTPError:
                     return
             listing = view.listings[rel.rpartition("/")[0]]
@@ -129,9 +148,10 @@ class GuestTree:
     async def mkdir(self, rel: str, mode: int) -> None:
         async with self.limit:
             try:
-                await self.sftp.mkdir(self.path(rel), SFTPAttrs(permissions=mode | 0o700))
+                await timed(self.sftp.mkdir(self.path(rel),
+                                              SFTPAttrs(permissions=mode | 0o700)))
             except asyncssh.SFTPFailure:
-                attrs = await self.sftp.lstat(self.path(rel))
+                attrs = await timed(self.sftp.lstat(self.path(rel)))
                 if _kind(attrs) != DIR:
                     raise
 
@@ -142,21 +162,23 @@ class GuestTree:
         times = dict(atime=entry.atime_ns // 10**9, mtime=entry.mtime_ns // 10**9)
         async with self.limit:
             try:
-                handle = await self.sftp.open(target, EXCL_FLAGS,
-                                              SFTPAttrs(permissions=entry.mode), encoding=None)
+                handle = await timed(self.sftp.open(target, EXCL_FLAGS,
+                                                    SFTPAttrs(permissions=entry.mode),
+                                                    encoding=None))
             except asyncssh.SFTPFailure:
                 if replace:
                     raise
                 # Something appeared there since the listing: replace it instead.
                 target = self.tmp_path(entry.rel)
                 replace = True
-                handle = await self.sftp.open(target, EXCL_FLAGS,
-                                              SFTPAttrs(permissions=entry.mode), encoding=None)
+                handle = await timed(self.sftp.open(target, EXCL_FLAGS,
+                                                    SFTPAttrs(permissions=entry.mode),
+                                                    encoding=None))
             sent = 0
             try:
                 if data is not None:
                     if data:
-                        await handle.write(data, 0)
+                        await timed(handle.write(data, 0))
                     sent = len(data)
                 else:
                     with open(entry.source, "rb") as fh:
@@ -164,18 +186,19 @@ class GuestTree:
                             chunk = fh.read(4 * CHUNK)
                             if not chunk:
                                 break
-                            await handle.write(chunk, sent)
+                            await timed(handle.write(chunk, sent))
                             sent += len(chunk)
-                await handle.setstat(SFTPAttrs(permissions=entry.mode, **times))
+                await timed(handle.setstat(SFTPAttrs(permissions=entry.mode,
+                                                              **times)))
             except BaseException:
                 await _quietly(handle.close())
                 if target != dest:
                     await _quietly(self.sftp.remove(target))
                 raise
-            await handle.close()
+            await timed(handle.close())
             if target != dest:
                 try:
-                    await self.sftp.posix_rename(target, dest)
+                    await timed(self.sftp.posix_rename(target, dest))
                 except BaseException:
                     await _quietly(self.sftp.remove(target))
                     raise
@@ -185,21 +208,21 @@ class GuestTree:
     async def set_attrs(self, rel: str, mode: int, atime_ns: int, mtime_ns: int) -> None:
         attrs = SFTPAttrs(permissions=mode, atime=atime_ns // 10**9, mtime=mtime_ns // 10**9)
         async with self.limit:
-            await self.sftp.setstat(self.path(rel), attrs, follow_symlinks=False)
+            await timed(self.sftp.setstat(self.path(rel), attrs, follow_symlinks=False))
 
     async def symlink(self, rel: str, target: str, replace: bool) -> None:
         dest = self.path(rel)
         async with self.limit:
             if not replace:
                 try:
-                    await self.sftp.symlink(os.fsencode(target), dest)
+                    await timed(self.sftp.symlink(os.fsencode(target), dest))
                     return
                 except asyncssh.SFTPFailure:
                     pass
             tmp = self.tmp_path(rel)
-            await self.sftp.symlink(os.fsencode(target), tmp)
+            await timed(self.sftp.symlink(os.fsencode(target), tmp))
             try:
-                await self.sftp.posix_rename(tmp, dest)
+                await timed(self.sftp.posix_rename(tmp, dest))
             except BaseException:
                 await _quietly(self.sftp.remove(tmp))
                 raise
@@ -207,7 +230,7 @@ class GuestTree:
     async def remove(self, rel: str) -> None:
         async with self.limit:
             try:
-                await self.sftp.remove(self.path(rel))
+                await timed(self.sftp.remove(self.path(rel)))
             except asyncssh.SFTPNoSuchFile:
                 pass
 
@@ -215,7 +238,7 @@ class GuestTree:
         """Remove an empty directory; False when it is not empty (the guest put files there)."""
         async with self.limit:
             try:
-                await self.sftp.rmdir(self.path(rel))
+                await timed(self.sftp.rmdir(self.path(rel)))
             except asyncssh.SFTPNoSuchFile:
                 pass
             except asyncssh.SFTPError:
@@ -225,6 +248,6 @@ class GuestTree:
 
 async def _quietly(awaitable) -> None:
     try:
-        await awaitable
-    except (asyncssh.Error, OSError):
+        await asyncio.wait_for(awaitable, OP_TIMEOUT)
+    except (asyncssh.Error, OSError, asyncio.TimeoutError):
         pass

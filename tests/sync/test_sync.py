@@ -255,3 +255,48 @@ def test_the_sync_keeps_only_what_it_manages_of_the_guest_listings(dotfiles, gue
     assert all(path.exists() for path in clutter[:10])
     # .gitconfig .config .local + nvim, init.lua, lua, plugins.lua, bin, tool, the leftover
     assert seen and seen[0] <= 12, seen
+
+
+def test_an_sftp_server_that_stops_answering_fails_the_sync_in_bounded_time(
+        dotfiles, guest_root, guest, monkeypatch):
+    """The connection stays up (sshd answers keepalives) but the guest's SFTP server is
+    frozen: the sync fails with one line after the per-request timeout, it does not hang."""
+    import asyncio
+    import signal
+    import time
+
+    from mariner_dev.errors import GuestUnreachable
+    from mariner_dev.remote.session import connect
+    from mariner_dev.remote.target import target_for
+    from mariner_dev.sync import engine, guest as guest_mod
+    from mariner_dev.sync.coalesce import open_sftp
+    from support.guest_sshd import _descendants
+
+    cfg, record = dotfiles
+    monkeypatch.setattr(guest_mod, "OP_TIMEOUT", 1.5)
+    monkeypatch.setattr(guest_mod, "LIST_TIMEOUT", 1.5)
+    spec = engine.spec_for(cfg, guest_root=str(guest_root))
+
+    async def main():
+        conn = await connect(target_for(cfg, record))
+        try:
+            before = set(_descendants(guest.sshd.pid()))
+            sftp = await open_sftp(conn)
+            servers = [p for p in set(_descendants(guest.sshd.pid())) - before
+                       if b"sftp" in open(f"/proc/{p}/cmdline", "rb").read()]
+            assert len(servers) == 1, servers
+            os.kill(servers[0], signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(GuestUnreachable) as info:
+                    await engine.sync_over(conn, spec, sftp=sftp)
+                return time.monotonic() - started, info.value
+            finally:
+                os.kill(servers[0], signal.SIGCONT)
+        finally:
+            conn.close()
+
+    took, error = asyncio.run(main())
+    assert took < 10, took
+    assert "did not answer an SFTP request within 1.5 s" in str(error)
+    assert len(str(error).splitlines()) == 1
