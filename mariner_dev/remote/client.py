@@ -45,15 +45,18 @@ def _unreachable(message: str) -> Exception:
     return GuestUnreachable(message)
 
 START_TIMEOUT = 15.0
+EXEC_HANDSHAKE_TIMEOUT = 40.0   # the agent waits up to 15 s for a reconnect, then starts the command
 
 
 class AgentUnavailable(Exception):
-    """No usable agent (absent, dead, stale): the caller may start one or go direct."""
+    """No usable agent (absent, dead, stale): the caller may start one or go direct.
+    `hung`: it accepted the connection but did not answer in time."""
 
-    def __init__(self, reason: str, stale: bool = False):
+    def __init__(self, reason: str, stale: bool = False, hung: bool = False):
         super().__init__(reason)
         self.reason = reason
         self.stale = stale
+        self.hung = hung
 
 
 def socket_file(name: str) -> str:
@@ -213,6 +216,9 @@ def _handshake(sock: _UnixSocket, name: str, hello: bytes,
         else:
             sock.sendall(hello)
         kind, payload = read_frame(sock)
+    except TimeoutError:
+        raise AgentUnavailable(f"the agent did not answer within {sock.gettimeout():g} s",
+                               hung=True) from None
     except (EOFError, OSError) as exc:
         raise AgentUnavailable(f"the agent hung up during the handshake ({exc!r})")
     except ValueError as exc:
@@ -367,12 +373,25 @@ def run_exec(target: "GuestTarget", request: "ExecRequest", fds=(0, 1, 2), on_re
         saved = {s: signal.signal(s, forward) for s in wanted}
         if request.tty:
             saved[signal.SIGWINCH] = signal.signal(signal.SIGWINCH, resize)
+        # The agent answers once the command started (it may first wait for a reconnect).
+        sock.settimeout(EXEC_HANDSHAKE_TIMEOUT)
         try:
             _handshake(sock, target.name, _hello(target, "exec", request.to_json()), sent)
+        except AgentUnavailable as exc:
+            for s, handler in saved.items():
+                signal.signal(s, handler)
+            if exc.hung:
+                # It has our stdio and may have started the command: never run it twice.
+                raise _unreachable(f"the mariner agent for VM {target.name} did not answer "
+                                   f"within {EXEC_HANDSHAKE_TIMEOUT:g} s; see "
+                                   f"{log_path(target.name)}, and `mariner up` to start a new "
+                                   f"agent") from None
+            raise
         except BaseException:
             for s, handler in saved.items():
                 signal.signal(s, handler)
             raise
+        sock.settimeout(None)
         if on_ready is not None:
             on_ready()
         ready = True

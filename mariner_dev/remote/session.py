@@ -34,6 +34,7 @@ READ_CHUNK = 256 * 1024
 # AES-GCM first: with AES-NI it is several times faster than chacha20 in asyncssh.
 CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
            "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr"]
+KEEPALIVE = 15.0   # seconds between keepalives on a connection held for a command or a sync
 STATUS_LOST = 125
 STATUS_SIGPIPE = 128 + _signal.SIGPIPE
 
@@ -113,12 +114,16 @@ def _unreachable(target: GuestTarget, detail: str) -> str:
 
 
 async def connect(target: GuestTarget, *, pin: bool = False, trust_new: bool = False,
-                  timeout: float = 10.0, keepalive: float = 0) -> asyncssh.SSHClientConnection:
-    """One authenticated connection, host key checked against the pin.
+                  timeout: float = 10.0,
+                  keepalive: float | None = None) -> asyncssh.SSHClientConnection:
+    """One authenticated connection, host key checked against the pin. It sends keepalives
+    every `keepalive` seconds (default KEEPALIVE) and counts the guest gone after three
+    unanswered ones (a VM that vanished without a reset does not hang a held connection).
 
     With no pin yet, `pin=True` (first `up`) or `trust_new=True` (--trust-new-host-key) accepts
     the presented key and pins it after authentication succeeds; otherwise it is refused.
     """
+    keepalive = KEEPALIVE if keepalive is None else keepalive
     pinned = [] if trust_new else pinned_keys(target.known_hosts, target.alias)
     if pinned:
         known_hosts = ([asyncssh.import_public_key(k) for k in pinned], [], [])

@@ -57,7 +57,8 @@ def test_stdin_pump_stop_after_eof_writes_to_no_reused_descriptor():
 class FakeAgent:
     """A listener on the VM's agent socket that answers each HELLO with `frames`."""
 
-    def __init__(self, name: str, frames: list[bytes]):
+    def __init__(self, name: str, frames: list[bytes], hold: float = 0.2):
+        self.hold = hold
         self.path = client.socket_file(name)
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         if os.path.exists(self.path):
@@ -84,7 +85,7 @@ class FakeAgent:
                             os.close(int.from_bytes(passed[i:i + 4], sys.byteorder))
                     for data in self.frames:
                         conn.sendall(data)
-                    time.sleep(0.2)
+                    time.sleep(self.hold)
                 except OSError:
                     pass
 
@@ -150,3 +151,104 @@ def test_a_message_from_the_agent_is_printed_escaped(project):
         fake.close()
     assert result.returncode == 125
     assert result.stderr == b"mariner: lost the connection (\\x1b]0;owned\\x07\\x1b[2J)\n"
+
+
+def test_an_agent_that_takes_the_command_and_never_answers_is_125_not_a_rerun(
+        project, monkeypatch, capfd):
+    """It holds our stdio and may have started the command: no fallback to a direct run."""
+    from mariner_dev.errors import GuestUnreachable
+    from mariner_dev.remote.command import ExecRequest
+
+    remote.stop_agent(project.name)
+    monkeypatch.setattr(client, "EXEC_HANDSHAKE_TIMEOUT", 1.0)
+    fake = FakeAgent(project.name, [], hold=5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(GuestUnreachable) as info:
+            client.run_exec(project.target, ExecRequest("true", tty=False, stdin=False),
+                            fds=(None, 1, 2))
+    finally:
+        fake.close()
+    assert time.monotonic() - started < 4
+    assert "did not answer within 1 s" in str(info.value)
+
+
+def test_the_agent_killed_mid_command(project, tmp_path):
+    """The client exits 125 within a few seconds with one line; the next command starts a new
+    agent."""
+    import signal
+    import subprocess
+
+    from support.fixtures import REPO, mariner_cmd
+
+    assert run_mariner("exec", "--", "true", cwd=project.dir,
+                       env={"MARINER_AGENT": "require"}).returncode == 0
+    old = client.agent_pid(project.name)
+    env = dict(os.environ, MARINER_AGENT="require", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(mariner_cmd() + ["exec", "--", "sh", "-c", "echo started; sleep 60"],
+                            cwd=project.dir, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"started\n"
+        os.kill(old, signal.SIGKILL)
+        killed = time.monotonic()
+        out, err = proc.communicate(timeout=15)
+        took = time.monotonic() - killed
+    finally:
+        proc.kill()
+    assert proc.returncode == 125, err
+    assert took < 5, took
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and "went away mid-command" in lines[0], lines
+    result = run_mariner("exec", "--", "echo", "next", cwd=project.dir,
+                         env={"MARINER_AGENT": "require",
+                              "MARINER_DEBUG_PATH_FILE": str(tmp_path / "p")})
+    assert (result.returncode, result.stdout) == (0, b"next\n"), result.stderr
+    assert (tmp_path / "p").read_text().split() == ["agent"]
+    assert client.agent_pid(project.name) not in (None, old)
+
+
+def test_a_direct_command_on_a_vm_that_stops_answering_ends_by_keepalive(project, guest,
+                                                                         monkeypatch):
+    """The guest freezes (no reset, no FIN): the held connection notices within three
+    keepalives and the command ends with 125 and one line, instead of hanging for ever."""
+    import signal
+
+    from support.guest_sshd import _descendants
+
+    monkeypatch.setattr(session, "KEEPALIVE", 0.5)
+    before = set(_descendants(guest.sshd.pid()))
+    frozen: list[int] = []
+    read_fd, write_fd = os.pipe()
+
+    def freeze():
+        os.read(read_fd, 100)           # the command started (it printed)
+        frozen.extend(set(_descendants(guest.sshd.pid())) - before)
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+
+    freezer = threading.Thread(target=freeze)
+    freezer.start()
+    started = time.monotonic()
+    try:
+        outcome = session.run_direct(project.target, ExecRequestFor("echo up; sleep 60"),
+                                     fds=(None, write_fd, write_fd))
+    finally:
+        freezer.join(10)
+        for pid in frozen:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        os.close(read_fd)
+        os.close(write_fd)
+    assert frozen
+    assert outcome.status == 125 and "lost the connection" in outcome.message, outcome
+    assert time.monotonic() - started < 15
+
+
+def ExecRequestFor(script: str):
+    from mariner_dev.remote.command import ExecRequest, build_command
+
+    return ExecRequest(build_command(None, workdir="/", env={}, shell_command=script),
+                       tty=False, stdin=False)
