@@ -263,7 +263,10 @@ class Agent:
                     raise ValueError("expected HELLO")
                 if len(buf) >= proto.HEADER_SIZE + length:
                     body = buf[proto.HEADER_SIZE:proto.HEADER_SIZE + length]
-                    return json.loads(body)
+                    hello = json.loads(body)
+                    if not isinstance(hello, dict):
+                        raise ValueError("a HELLO is a JSON object")
+                    return hello
 
     async def _send(self, csock: socket.socket, kind: bytes, body: dict,
                     client_proto: int = proto.PROTO) -> None:
@@ -474,17 +477,23 @@ class Agent:
                 proc.abandon()
                 return
             buf += data
-            while len(buf) >= proto.HEADER_SIZE:
-                kind, length = proto.parse_header(buf[:proto.HEADER_SIZE])
-                if len(buf) < proto.HEADER_SIZE + length:
-                    break
-                payload = buf[proto.HEADER_SIZE:proto.HEADER_SIZE + length]
-                buf = buf[proto.HEADER_SIZE + length:]
-                if kind == proto.SIGNAL:
-                    proc.signal(payload.decode("ascii", "replace"))
-                elif kind == proto.RESIZE:
-                    size = json.loads(payload)
-                    proc.resize(int(size["cols"]), int(size["rows"]))
+            try:
+                while len(buf) >= proto.HEADER_SIZE:
+                    kind, length = proto.parse_header(buf[:proto.HEADER_SIZE])
+                    if len(buf) < proto.HEADER_SIZE + length:
+                        break
+                    payload = buf[proto.HEADER_SIZE:proto.HEADER_SIZE + length]
+                    buf = buf[proto.HEADER_SIZE + length:]
+                    if kind == proto.SIGNAL:
+                        proc.signal(payload.decode("ascii", "replace"))
+                    elif kind == proto.RESIZE:
+                        size = json.loads(payload)
+                        proc.resize(int(size["cols"]), int(size["rows"]))
+            except (ValueError, KeyError, TypeError) as exc:
+                # Not our protocol: treated as the client going away.
+                log(f"a client broke the protocol ({exc}); hanging up its command")
+                proc.abandon()
+                return
 
 
 def _close_all(fds: list[int]) -> None:

@@ -375,14 +375,22 @@ class RemoteProcess:
             kwargs.update(request_pty=False)
         self.chan, _ = await self.conn.create_session(lambda: _Session(self), req.command,
                                                       **kwargs)
-        self._out.start()
-        if self._err is not self._out:
-            self._err.start()
-        if req.stdin and self.fds[0] is not None:
-            self._pump = _StdinPump(self.fds[0], self.loop, self)
-            self._pump.start()
-        else:
-            self.chan.write_eof()
+        try:
+            if req.stdin and self.fds[0] is not None:
+                self._pump = _StdinPump(self.fds[0], self.loop, self)
+            self._out.start()
+            if self._err is not self._out:
+                self._err.start()
+            if self._pump is not None:
+                self._pump.start()
+            else:
+                self.chan.write_eof()
+        except BaseException:
+            # (Out of descriptors or threads.) Nothing may keep using the fds: the caller
+            # closes them.
+            self.chan.close()
+            await self.release()
+            raise
 
     # -- called on the event loop --------------------------------------------------------
     def _output(self, data: bytes, datatype) -> None:
