@@ -67,12 +67,19 @@ def test_concurrent_clients_get_exactly_their_own_bytes(home, guest, project, ag
     tree = f".mt-stress-{secrets.token_hex(4)}"
     for i in range(20):
         write(home / tree / f"f{i}.txt", f"file {i}\n" * (i + 1))
-    host_port = free_port()
-    p = project(f'files = ["~/{tree}"]\n',
-                extra=f'[ports]\nforward = ["{host_port}:{echo.port}"]\n', name="stress")
-    cfg, record = p.register()
-    target = target_for(cfg, record)
-    client.ensure_agent(target)
+    for _attempt in range(5):
+        # free_port() races with the other suites on this host: take one the agent holds.
+        host_port = free_port()
+        p = project(f'files = ["~/{tree}"]\n',
+                    extra=f'[ports]\nforward = ["{host_port}:{echo.port}"]\n', name="stress")
+        cfg, record = p.register()
+        target = target_for(cfg, record)
+        info = client.ensure_agent(target, warn=lambda line: None)
+        if [f["state"] for f in info["forwards"]] == ["listening"]:
+            break
+        client.stop_agent(cfg.name)
+    else:
+        pytest.fail("no free host port for the forward")
     pid = client.agent_pid(cfg.name)
     env = _env(tmp_path / "served")
     try:
