@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .errors import MarinerError
 
 CONFIG_NAME = "mariner.toml"
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 USAGE = """\
 usage: mariner exec [-i] [-t|-T] [-e K=V]... [--env-file FILE] [-w DIR] [-u USER]
@@ -315,8 +315,11 @@ def _resolve_slow(project: str | None) -> dict:
     if real not in dirs:
         dirs.append(real)
     config_file = str(cfg.config_file)
+    from .tripwire import fast_file
+
     return {
         "version": CACHE_VERSION,
+        "tripwire": [fast_file(str(cfg.project_dir)), str(cfg.project_dir)],
         "stamps": [_stamp(config_file), _stamp(str(user_config_file())),
                    _stamp(str(registry.file))],
         "registry": str(registry.file),
@@ -371,8 +374,17 @@ def run(opts: ExecOptions, *, fds=(0, 1, 2)) -> int:
                           tty=tty, stdin=stdin,
                           term=(os.environ.get("TERM") or "xterm-256color") if tty else None,
                           cols=cols, rows=rows)
-    return execute(target, request, fds=fds, trust_new=opts.trust_new,
-                   verbose=bool(opts.verbose))
+    status = execute(target, request, fds=fds, trust_new=opts.trust_new,
+                     verbose=bool(opts.verbose))
+    _tripwire(data)
+    return status
+
+
+def _tripwire(data: dict) -> None:
+    """After the command: report, once, a change to the project files the host runs."""
+    from .tripwire import after_command
+
+    after_command(*data["tripwire"])
 
 
 def run_shell(opts: ExecOptions, command: str | None = None) -> int:
@@ -392,7 +404,9 @@ def run_shell(opts: ExecOptions, command: str | None = None) -> int:
     cols, rows = window_size(1)
     request = ExecRequest(remote, tty=True, stdin=True,
                           term=os.environ.get("TERM") or "xterm-256color", cols=cols, rows=rows)
-    return execute(target, request, trust_new=opts.trust_new, verbose=bool(opts.verbose))
+    status = execute(target, request, trust_new=opts.trust_new, verbose=bool(opts.verbose))
+    _tripwire(data)
+    return status
 
 
 def print_error(exc: "MarinerError") -> None:

@@ -76,13 +76,15 @@ class UpResult:
     hook_failed: str | None = None
     hook_exit: int | None = None
     messages: list[str] = field(default_factory=list)
+    # project files the host runs, changed since `mariner trust` (tripwire.Change.to_json)
+    tripwire: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         data = {"outcome": "error" if self.hook_failed else "success", "name": self.name,
                 "state": self.state, "address": self.address, "ssh_port": self.ssh_port,
                 "user": self.user, "workspace": self.workspace, "created": self.created,
                 "updated": self.updated, "started": self.started,
-                "restart_pending": self.restart_pending}
+                "restart_pending": self.restart_pending, "tripwire": self.tripwire}
         if self.hook_failed:
             data["hook"] = self.hook_failed
             data["hook_exit"] = self.hook_exit
@@ -107,12 +109,15 @@ def _update_record(registry: Registry, name: str, **changes) -> VmRecord:
 
 def up(cfg: ProjectConfig, *, timeout: float = 180.0, restart: bool = True,
        wait_lock: bool = True, backend: HostBackend | None = None,
-       progress: Progress = _noop) -> UpResult:
-    """Bring the project's VM to running with its current config; idempotent."""
-    from . import remote
-    from .allocation import reserve
+       progress: Progress = _noop, confirm: "approval.Confirm | None" = None) -> UpResult:
+    """Bring the project's VM to running with its current config; idempotent.
+
+    What acts on the host must be approved first (approval.gate): `confirm` asks a person,
+    else an unapproved change raises approval.NotApproved before any host command."""
+    from . import approval, remote, tripwire
+    from .allocation import check_ownership, reserve
     from .drift import settle
-    from .nixrender import write_flake
+    from .nixrender import read_host_inputs, write_flake
     from .project import render_for
 
     backend = backend or default_backend()
@@ -120,17 +125,28 @@ def up(cfg: ProjectConfig, *, timeout: float = 180.0, restart: bool = True,
     registry = Registry()
     with VmLock(cfg.name, wait=wait_lock, progress=progress):
         progress("checking the configuration")
+        # One read of the module files and share paths: the bytes approved are those rendered.
+        inputs = read_host_inputs(cfg)
+        check_ownership(cfg, registry.get(cfg.name))   # another project's name: say that first
+        approval.gate(cfg, inputs, confirm)
+        # Before the VM first boots (post_create runs repository code): what the host runs
+        # from the project is recorded once; only `mariner trust` moves it afterwards.
+        tripwire.record_baseline(str(cfg.project_dir))
+        file_changes = tripwire.changes(str(cfg.project_dir)) or []
         record = reserve(cfg, registry)
         host = backend.status(cfg.name)
         # An existing VM keeps what cannot apply to it (disk sizes, an old default).
         settled = settle(cfg, record.built_config if host.exists else None)
-        flake = render_for(cfg, record, built=host.exists)
+        flake = render_for(cfg, record, inputs, built=host.exists)
         flake_dir = write_flake(flake, paths.default_flake_dir(cfg.name))
         record = _update_record(registry, cfg.name, flake_dir=str(flake_dir))
         address, port = record.ssh_endpoint
         result = UpResult(name=cfg.name, state="starting", address=address,
                           ssh_port=record.ssh_port, user=cfg.vm.user,
-                          workspace=cfg.workspace_mount, messages=list(settled.notes))
+                          workspace=cfg.workspace_mount,
+                          tripwire=[c.to_json() for c in file_changes],
+                          messages=[f"tripwire: {c.line()}" for c in file_changes]
+                          + list(settled.notes))
         if not host.exists:
             progress(f"building VM {cfg.name} (microvm -c)")
             backend.create(cfg.name, flake_dir)
@@ -338,6 +354,8 @@ class VmStatus:
     notes: list[str] = field(default_factory=list)
     # Set when the host could not be asked (state "unknown"): what stopped it, and the next step.
     host_error: HostUnavailable | None = field(default=None, repr=False)
+    # project files the host runs, changed since `mariner trust` (tripwire.Change.to_json)
+    tripwire: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {"name": self.name, "state": self.state, "project": self.project,
@@ -345,7 +363,7 @@ class VmStatus:
                 "changed_keys": self.changed_keys, "restart_pending": self.restart_pending,
                 "address": self.address, "ssh_port": self.ssh_port, "cid": self.cid,
                 "uptime": self.uptime, "forwards": self.forwards, "agent": self.agent,
-                "notes": self.notes}
+                "notes": self.notes, "tripwire": self.tripwire}
 
 
 def _state_of(host: HostVmStatus, record: VmRecord | None, probe: bool = True) -> str:
@@ -393,8 +411,11 @@ def status(cfg: ProjectConfig, *, backend: HostBackend | None = None) -> VmStatu
     from .drift import settle
     from .project import render_for
 
+    from . import tripwire
+
     backend = backend or default_backend()
     record = _owned_record(cfg, Registry())
+    file_changes = [c.to_json() for c in tripwire.changes(str(cfg.project_dir)) or []]
     try:
         backend.preflight()
     except HostUnavailable as exc:
@@ -402,17 +423,17 @@ def status(cfg: ProjectConfig, *, backend: HostBackend | None = None) -> VmStatu
                      address=record.ssh_endpoint[0]) if record else {}
         return VmStatus(name=cfg.name, state=UNKNOWN, managed=record is not None,
                         project=record.project if record else str(cfg.project_dir),
-                        host_error=exc, **known)
+                        host_error=exc, tripwire=file_changes, **known)
     host = backend.status(cfg.name)
     if record is None:
         state = "absent" if not host.exists else _state_of(host, None)
         return VmStatus(name=cfg.name, state=state, project=str(cfg.project_dir),
-                        managed=False)
+                        managed=False, tripwire=file_changes)
     state = _state_of(host, record)
     result = VmStatus(name=cfg.name, state=state, project=record.project, managed=True,
                       cid=record.cid, ssh_port=record.ssh_port,
                       address=record.ssh_endpoint[0],
-                      uptime=host.uptime if host.running else None)
+                      uptime=host.uptime if host.running else None, tripwire=file_changes)
     settled = None
     if host.exists and record.built_hash:
         settled = settle(cfg, record.built_config)

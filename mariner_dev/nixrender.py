@@ -96,7 +96,8 @@ def _module_file_name(index: int, path: Path) -> str:
     return f"{index}-{safe}"
 
 
-def _vm_module(cfg: m.ProjectConfig, cid: int, ssh_port: int | None, public_key: str) -> str:
+def _vm_module(cfg: m.ProjectConfig, cid: int, ssh_port: int | None, public_key: str,
+               share_sources: tuple[str, ...]) -> str:
     vm = cfg.vm
     user = nix_attr(vm.user)
     settings: list[tuple[str, str]] = [
@@ -120,9 +121,9 @@ def _vm_module(cfg: m.ProjectConfig, cid: int, ssh_port: int | None, public_key:
     shares = [{"proto": "virtiofs", "tag": WORKSPACE_TAG, "source": str(cfg.project_dir),
                "mountPoint": cfg.workspace_mount, "socket": f"virtiofs-{WORKSPACE_TAG}.sock",
                "readOnly": False}]
-    shares += [{"proto": "virtiofs", "tag": s.tag, "source": str(s.source),
+    shares += [{"proto": "virtiofs", "tag": s.tag, "source": source,
                 "mountPoint": s.target, "socket": f"virtiofs-{s.tag}.sock",
-                "readOnly": s.readonly} for s in cfg.shares]
+                "readOnly": s.readonly} for s, source in zip(cfg.shares, share_sources)]
     settings.append(("microvm.shares", nix_value(shares)))
     settings += [
         ("mariner.storage.persistSizeMiB", str(cfg.storage.persist_mib)),
@@ -194,6 +195,25 @@ def _flake_nix(cfg: m.ProjectConfig, module_names: list[str]) -> str:
     )
 
 
+@dataclass(frozen=True)
+class HostInputs:
+    """What a render reads from the host's disk, read once: the `[nix] modules` files (flake
+    path -> bytes) and each share's source with symlinks resolved. The trust gate approves
+    exactly these, and the flake is rendered from them (no second read to swap files under)."""
+
+    module_names: tuple[str, ...]
+    module_files: dict[str, bytes]
+    share_sources: tuple[str, ...]
+
+
+def read_host_inputs(cfg: m.ProjectConfig) -> HostInputs:
+    """Read the module files and resolve the share sources of `cfg`."""
+    names, files = _module_files(cfg)
+    # The real path: a share directory that the VM replaced by a symlink shows as a new path.
+    shares = tuple(os.path.realpath(s.source) for s in cfg.shares)
+    return HostInputs(module_names=tuple(names), module_files=files, share_sources=shares)
+
+
 def _module_files(cfg: m.ProjectConfig) -> tuple[list[str], dict[str, bytes]]:
     names: list[str] = []
     files: dict[str, bytes] = {}
@@ -210,13 +230,16 @@ def _module_files(cfg: m.ProjectConfig) -> tuple[list[str], dict[str, bytes]]:
 
 
 def render_flake(cfg: m.ProjectConfig, *, cid: int, ssh_port: int | None,
-                 public_key: str) -> RenderedFlake:
-    """Compute the flake directory for a VM with this cid (and user-mode SSH port)."""
+                 public_key: str, inputs: HostInputs | None = None) -> RenderedFlake:
+    """Compute the flake directory for a VM with this cid (and user-mode SSH port), from
+    `inputs` when the caller has read them already (see HostInputs)."""
     if cfg.network.mode == "user" and ssh_port is None:
         raise MarinerError("user-mode networking needs an SSH port; none was allocated")
-    names, files = _module_files(cfg)
-    files["flake.nix"] = _flake_nix(cfg, names).encode()
-    files["vm.nix"] = _vm_module(cfg, cid, ssh_port, public_key).encode()
+    inputs = inputs or read_host_inputs(cfg)
+    files = dict(inputs.module_files)
+    files["flake.nix"] = _flake_nix(cfg, list(inputs.module_names)).encode()
+    files["vm.nix"] = _vm_module(cfg, cid, ssh_port, public_key,
+                                 inputs.share_sources).encode()
     digest = hashlib.sha256()
     for rel in sorted(files):
         digest.update(rel.encode() + b"\0" + hashlib.sha256(files[rel]).digest())

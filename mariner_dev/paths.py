@@ -178,6 +178,11 @@ def default_flake_dir(name: str) -> Path:
     return vm_dir(name) / "flake"
 
 
+def unapproved_flake_dir(name: str) -> Path:
+    """Where `render` writes a flake whose host settings are not approved (see approval.py)."""
+    return vm_dir(name) / "flake.unapproved"
+
+
 def keys_dir() -> Path:
     return mariner_home() / "keys"
 

@@ -113,6 +113,7 @@ class InitResult:
     path: Path
     template: str | None
     created: tuple[Path, ...] = ()   # files and directories copied from the template
+    approved: bool = False           # the host settings it wrote are approved (approval.py)
 
 
 def _template_support(template: str) -> list[str]:
@@ -125,8 +126,10 @@ def _template_support(template: str) -> list[str]:
                   and "__pycache__" not in path.parts)
 
 
-def _copy_support(template: str, directory: Path) -> tuple[Path, ...]:
-    """Copy what the template refers to into `directory`, never overwriting anything."""
+def _copy_support(template: str, directory: Path,
+                  written: dict[Path, bytes] | None = None) -> tuple[Path, ...]:
+    """Copy what the template refers to into `directory`, never overwriting anything; the
+    bytes of each file copied go into `written` (path -> bytes)."""
     import shutil
 
     root = examples_dir() / template
@@ -137,8 +140,28 @@ def _copy_support(template: str, directory: Path) -> tuple[Path, ...]:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, target)
+        if written is not None:
+            written[target] = source.read_bytes()
         created.append(target)
     return tuple(created)
+
+
+def _approve_init(directory: Path, written: dict[Path, bytes]) -> bool:
+    """Approve the host settings of the mariner.toml just written, with exactly the module
+    bytes init wrote (approval.approve_written). False when the project does not load."""
+    from .approval import approve_written
+    from .config import load_project
+    from .errors import ConfigError
+
+    from .tripwire import record_baseline
+
+    # Before any VM exists: what the host runs from the project is recorded as it was cloned.
+    record_baseline(str(directory))
+    try:
+        cfg = load_project(project_dir=directory)
+    except ConfigError:
+        return False
+    return approve_written(cfg, written)
 
 
 def init_project(directory: Path, template: str | None = None, force: bool = False) -> InitResult:
@@ -154,8 +177,9 @@ def init_project(directory: Path, template: str | None = None, force: bool = Fal
     text = init_text(directory, template)   # an unknown template is bad usage (2) first
     if target.exists() and not force:
         raise MarinerError(f"{target} already exists; use --force to overwrite it")
+    written: dict[Path, bytes] = {}
     try:
-        created = _copy_support(template, directory) if template else ()
+        created = _copy_support(template, directory, written) if template else ()
         write_atomic(target, text)
     except OSError as exc:
         from .paths import describe_os_error
@@ -163,7 +187,8 @@ def init_project(directory: Path, template: str | None = None, force: bool = Fal
         raise MarinerError(f"cannot write a project into {directory}: "
                            f"{describe_os_error(exc)}",
                            hint="run `mariner init` in a directory of yours") from None
-    return InitResult(path=target, template=template, created=created)
+    approved = _approve_init(directory, written)
+    return InitResult(path=target, template=template, created=created, approved=approved)
 
 
 @dataclass(frozen=True)
@@ -171,10 +196,12 @@ class RenderResult:
     directory: Path
     flake: "RenderedFlake"
     record: "VmRecord"
+    approved: bool = True    # False: written beside the VM's flake directory, not into it
 
 
-def render_for(cfg, record, *, built: bool = True) -> "RenderedFlake":
-    """The flake this project's VM would be built from now (computed, nothing written).
+def render_for(cfg, record, inputs=None, *, built: bool = True) -> "RenderedFlake":
+    """The flake this project's VM would be built from now (computed, nothing written), from
+    `inputs` (nixrender.HostInputs) when they were read already.
 
     For a VM that exists (`built`), what cannot apply to it is kept as it was built
     (drift.settle): such changes are not drift."""
@@ -185,7 +212,7 @@ def render_for(cfg, record, *, built: bool = True) -> "RenderedFlake":
     if built:
         cfg = settle(cfg, record.built_config).cfg
     return render_flake(cfg, cid=record.cid, ssh_port=record.ssh_port,
-                        public_key=public_key_for(cfg))
+                        public_key=public_key_for(cfg), inputs=inputs)
 
 
 def render_project(cfg, out: Path | None = None) -> RenderResult:
@@ -194,10 +221,19 @@ def render_project(cfg, out: Path | None = None) -> RenderResult:
     from .allocation import reserve
     from .nixrender import write_flake
 
+    from .approval import is_approved
+    from .nixrender import read_host_inputs
+
+    inputs = read_host_inputs(cfg)
     record = reserve(cfg)
-    flake = render_for(cfg, record)
+    flake = render_for(cfg, record, inputs)
     if out is not None:
         return RenderResult(directory=write_flake(flake, Path(out)), flake=flake, record=record)
+    if not is_approved(cfg, inputs):
+        # The default directory is what the host builds the VM from (`microvm -u` by hand
+        # too): a change nobody approved goes beside it.
+        directory = write_flake(flake, paths.unapproved_flake_dir(cfg.name))
+        return RenderResult(directory=directory, flake=flake, record=record, approved=False)
     from .lifecycle import VmLock
 
     # The default directory is the one the VM is built from: not while up/down/destroy work.

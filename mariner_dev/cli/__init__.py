@@ -11,6 +11,7 @@ import sys
 COMMAND_MODULES = (
     "init", "validate", "render", "up", "down", "destroy", "status", "list", "logs",
     "exec", "shell", "ssh_config", "code", "sync", "forward", "doctor", "agent", "help",
+    "trust",
 )
 
 

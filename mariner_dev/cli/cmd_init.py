@@ -30,4 +30,7 @@ def init(
     ctx.err.print(f"Wrote {result.path}")
     for path in result.created:
         ctx.err.print(f"Copied {path} from the {result.template} template")
+    if not result.approved:
+        ctx.err.print("Its host settings are not all approved (a file it names was already "
+                      "there, or the project does not load yet): `mariner trust` reviews them.")
     ctx.err.print("Next: edit it, then `mariner validate` and `mariner up`.")

@@ -25,4 +25,8 @@ def render(
 
     ctx = context(project)
     result = render_project(ctx.load(), out)
+    if not result.approved:
+        ctx.err.print(f"The host settings of this mariner.toml are not approved: the flake went "
+                      f"to {result.directory}, not to the directory the VM is built from. "
+                      f"`mariner trust` reviews and approves them.")
     print(result.directory)

@@ -73,6 +73,9 @@ def _print_status(result) -> None:
         lines.append(f"{label:<10}{_forward_line(forward)}")
     for note in result.notes:
         lines.append(f"note:     {note}")
+    for change in result.tripwire:
+        lines.append(f"tripwire: {change['path']} {change['change']} ({change['why']}); review "
+                     f"it, then `mariner trust`")
     if not result.managed and result.state != "absent":
         lines.append("note:     this VM was not created by mariner")
     elif result.state in _NEXT:

@@ -29,12 +29,25 @@ def up(
     from .app import emit_error
     from .progress import PhaseDisplay
 
+    from ..approval import NotApproved
+    from .cmd_trust import ask_approval, at_terminal
+
     ctx = context(project, json_output)
     try:
         cfg = ctx.load()
         with PhaseDisplay(ctx.err, enabled=True) as progress:
+            # Only a person at a terminal is asked; --json and scripts are refused (exit 2).
+            confirm = (None if json_output or not at_terminal()
+                       else lambda review: progress.paused(lambda: ask_approval(ctx, review)))
             result = lifecycle.up(cfg, timeout=timeout, restart=not no_restart,
-                                  wait_lock=not fail_if_locked, progress=progress)
+                                  wait_lock=not fail_if_locked, progress=progress,
+                                  confirm=confirm)
+    except NotApproved as exc:
+        if json_output:
+            ctx.emit_json({"version": 1, "outcome": "error", "message": str(exc),
+                           "hint": exc.hint, "approval": exc.review.to_json()})
+            raise typer.Exit(exc.exit_code) from None
+        raise
     except lifecycle.HookFailed as exc:
         if json_output:  # the failure document also says where the running VM is
             emit_error(exc, **exc.result.to_json())

@@ -35,6 +35,16 @@ class PhaseDisplay:
             sys.stderr.write(f"mariner: {printable(phase)}\n")
             sys.stderr.flush()
 
+    def paused(self, action):
+        """Run `action()` (a question to the user) with the live line out of the way."""
+        if self._status is None:
+            return action()
+        self._status.stop()
+        try:
+            return action()
+        finally:
+            self._status.start()
+
     def __exit__(self, *exc) -> None:
         if self._status is not None:
             self._status.__exit__(*exc)

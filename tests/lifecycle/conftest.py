@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from support.approval import approve_host_settings
 from support.fakehost import fakehost  # noqa: F401  (fixture)
 from support.jsondoc import document
 from support.tools import REPO, require_tool
@@ -36,13 +37,17 @@ class Project:
     def config(self) -> Path:
         return self.dir / "mariner.toml"
 
-    def write(self, extra: str = "", **vm: object) -> None:
+    def write(self, extra: str = "", approve: bool = True, **vm: object) -> None:
+        """Write mariner.toml and (unless `approve` is False) approve its host settings, as
+        the developer who wrote it would with `mariner trust`."""
         vm_lines = "".join(f"{k} = {json.dumps(v)}\n" for k, v in vm.items())
         self.config.write_text(
             f'[vm]\nname = "{self.name}"\nuser = "{GUEST_USER}"\nuid = {self.guest_uid}\n'
             f"{vm_lines}\n"
             f'[network]\nmode = "user"\n\n'
             f'[workspace]\nmount = "{self.guest_root}/workspaces/{self.name}"\n\n{extra}\n')
+        if approve:
+            approve_host_settings(self.dir)
 
     def mariner(self, *args: str, env: dict | None = None, timeout: float = 120,
                 check: int | None = None) -> subprocess.CompletedProcess:

@@ -153,7 +153,10 @@ def client_key(directory: Path) -> Path:
 
 def write_project(project_dir: Path, name: str, *, ssh_port: int, extra: str = "",
                   user: str | None = None) -> Path:
-    """A user-mode project whose VM the fakes can boot; returns its mariner.toml."""
+    """A user-mode project whose VM the fakes can boot, its host settings approved (as
+    `mariner trust` would); returns its mariner.toml."""
+    from support.approval import approve_host_settings
+
     project_dir.mkdir(parents=True, exist_ok=True)
     config = project_dir / "mariner.toml"
     config.write_text(
@@ -162,6 +165,7 @@ def write_project(project_dir: Path, name: str, *, ssh_port: int, extra: str = "
         # The fake emulates the workspace share as a symlink at the mount point: keep it in
         # the test's temporary directory, not in /workspaces.
         f'[workspace]\nmount = "{project_dir.parent / ("guest-" + name)}"\n\n' + extra)
+    approve_host_settings(project_dir)
     return config
 
 
