@@ -87,8 +87,21 @@ def host_surface(cfg: "ProjectConfig", inputs: "HostInputs") -> dict:
         "nix.modules": [_display_path(str(p), project) for p in cfg.nix.modules],
         "shares": [f"{source} ({'read-only' if share.readonly else 'read-write'})"
                    for share, source in zip(cfg.shares, inputs.share_sources)],
-        "ports.forward": [f"127.0.0.1:{p.host} -> guest {p.guest}" for p in cfg.ports],
+        "ports.forward": [_forward_label(p) for p in cfg.ports],
     }
+
+
+def _forward_label(port) -> str:
+    return f"127.0.0.1:{port.host} -> guest {port.guest}"
+
+
+def approved_forwards(cfg: "ProjectConfig") -> list[tuple[int, int]]:
+    """The `[ports] forward` entries the agent may bind on the host: those of the current
+    config that were approved. A forward the VM added waits for `mariner trust`; one the
+    developer removed goes at once."""
+    approved = load(cfg.project_dir)
+    allowed = set(approved.items.get("ports.forward") or []) if approved else set()
+    return [(p.host, p.guest) for p in cfg.ports if _forward_label(p) in allowed]
 
 
 def _file_digests(files: dict[str, bytes]) -> dict[str, str]:

@@ -166,3 +166,13 @@ def test_init_does_not_approve_a_module_file_it_did_not_write(run_cli, tmp_path)
     assert not result.approved
     assert [(f.rel, f.change) for f in result.files] == [("modules/0-extra.nix", "new")]
     assert not [k for k in result.keys]     # the rest of what it wrote is approved
+
+
+def test_the_agent_binds_only_approved_forwards(project):
+    """exec and sync start the agent with `[ports] forward` on first use: a forward the VM
+    added to mariner.toml waits for `mariner trust`, one the developer removed goes at once."""
+    _approve(project, BASE + "[ports]\nforward = [8000, 8001]\n")
+    cfg = _write(project, BASE + '[ports]\nforward = [8001, "5432:5432"]\n')
+    assert approval.approved_forwards(cfg) == [(8001, 8001)]
+    approval.revoke(project)
+    assert approval.approved_forwards(cfg) == []

@@ -28,7 +28,18 @@ def forward(
 
     ctx = context(project)
     cfg = ctx.load()
-    forwards = [parse_forward(p) for p in ports] if ports else list(cfg.ports)
+    if ports:
+        forwards = [parse_forward(p) for p in ports]
+    else:
+        # The VM can write mariner.toml: only the approved [ports] forward entries.
+        from ..approval import approved_forwards
+        from ..model import PortForward
+
+        forwards = [PortForward(host, guest) for host, guest in approved_forwards(cfg)]
+        for port in cfg.ports:
+            if port not in forwards:
+                ctx.err.print(f"not forwarding {port}: this [ports] forward entry is not "
+                              f"approved (`mariner trust` reviews it)")
     if not forwards:
         raise UsageError("nothing to forward: give PORT or HOST:GUEST, or set [ports] forward "
                          f"in {cfg.config_file.name}")

@@ -74,6 +74,7 @@ def _sync_now(ctx, cfg, record, dry_run: bool) -> dict:
     """One sync, by the VM's agent on its held connection when it can (no asyncssh here),
     else on a connection of our own; sync.outcome() JSON either way."""
     from .. import sync as dotfiles
+    from ..approval import approved_forwards
     from ..remote import dispatch
     from ..remote.target import target_for
 
@@ -82,6 +83,6 @@ def _sync_now(ctx, cfg, record, dry_run: bool) -> dict:
 
     request = {"spec": dotfiles.spec_request(cfg), "dry_run": dry_run}
     return dispatch.sync(target_for(cfg, record), request, direct,
-                         forwards=[(p.host, p.guest) for p in cfg.ports],
+                         forwards=approved_forwards(cfg),
                          verbose=bool(ctx.verbose),
                          warn=lambda line: _warn(f"mariner: {line}"))

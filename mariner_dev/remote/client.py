@@ -317,8 +317,9 @@ def _warn_stderr(line: str) -> None:
 
 
 def configured_forwards(name: str) -> list[tuple[int, int]] | None:
-    """The `[ports] forward` list of VM `name`'s project (registry -> mariner.toml), or None
-    when it cannot be read (then an agent's list is neither checked nor replaced)."""
+    """The `[ports] forward` list of VM `name`'s project (registry -> mariner.toml), only the
+    approved entries (approval.approved_forwards: the VM writes mariner.toml), or None when it
+    cannot be read (then an agent's list is neither checked nor replaced)."""
     from ..errors import MarinerError
 
     try:
@@ -335,7 +336,9 @@ def configured_forwards(name: str) -> list[tuple[int, int]] | None:
         return None
     if cfg.name != name:
         return None
-    return [(p.host, p.guest) for p in cfg.ports]
+    from ..approval import approved_forwards
+
+    return approved_forwards(cfg)
 
 
 def run_exec(target: "GuestTarget", request: "ExecRequest", fds=(0, 1, 2), on_ready=None) -> int:

@@ -25,7 +25,10 @@ def _home() -> Path:
 
 
 def test_render_to_the_default_place(run_cli, tmp_path):
+    from support.approval import approve_host_settings
+
     project = _project(tmp_path)
+    approve_host_settings(project)   # else it goes beside it (tests/lifecycle/test_trust_gate.py)
     code, out, err = run_cli("render", cwd=project)
     assert code == 0, err
     flake = _home() / "vms" / "api" / "flake"

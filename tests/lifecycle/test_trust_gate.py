@@ -141,3 +141,55 @@ def test_the_tripwire_is_recorded_before_post_create_and_only_trust_moves_it(pro
     assert "Acknowledged the project files" in trust.stdout
     assert project.status_json()["tripwire"] == []
     assert project.up_json()["tripwire"] == []
+
+
+def _on_a_terminal(project, *args: str, answer: bytes, until: bytes, timeout: float = 120):
+    """Run `mariner ARGS` with a pseudo-terminal as stdin/stdout/stderr; answer the question
+    that ends with `until`; return (exit status, everything it wrote)."""
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "mariner_dev", *args], cwd=project.dir,
+                            stdin=follower, stdout=follower, stderr=follower, close_fds=True)
+    os.close(follower)
+    seen, answered = b"", False
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+                if not answered and until in seen:
+                    os.write(leader, answer)
+                    answered = True
+            elif proc.poll() is not None:
+                break
+        return proc.wait(timeout=30), seen.decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(leader)
+
+
+def test_on_a_terminal_up_shows_the_change_and_asks(project):
+    _add_module(project)
+    status, out = _on_a_terminal(project, "up", answer=b"n\n", until=b"continue? [y/N]")
+    assert status == 2, out
+    assert "nix.modules: (none) -> [nix/evil.nix]" in out
+    assert '+{ ... }: { microvm.binScripts.tap-up = "touch /tmp/owned"; }' in out
+    assert project.host_calls() == []
+
+    status, out = _on_a_terminal(project, "up", answer=b"y\n", until=b"continue? [y/N]")
+    assert status == 0, out
+    assert any(call[:2] == ["microvm", "-c"] for call in project.host_calls())
+    project.up_json()                                # approved: no question any more

@@ -141,8 +141,10 @@ class Project:
 
 def make_project(guest: Guest, env: dict[str, str], *, name: str | None = None,
                  extra_toml: str = "", pin: bool = True) -> Project:
-    """Write, register and (with pin) trust a project whose VM is `guest`."""
+    """Write, register and (with pin) trust a project whose VM is `guest`; its host settings
+    ([ports] forward, ...) approved as `mariner trust` would."""
     from mariner_dev import remote
+    from support.approval import approve_host_settings
     from mariner_dev.config import load_project
     from mariner_dev.state import Registry, VmRecord
 
@@ -163,6 +165,7 @@ def make_project(guest: Guest, env: dict[str, str], *, name: str | None = None,
     os.environ.update(env)
     try:
         cfg = load_project(project_dir=directory)
+        approve_host_settings(directory)
         record = VmRecord(name=name, project=str(directory), config_file=str(cfg.config_file),
                           cid=3 + int(uuid.uuid4().int % 200), network_mode="user",
                           ssh_port=guest.port, created=True)

@@ -66,6 +66,9 @@ class Project:
 
             [dotfiles]
             """) + textwrap.dedent(dotfiles) + "\n" + textwrap.dedent(extra))
+        from support.approval import approve_host_settings
+
+        approve_host_settings(self.dir)   # as the developer who wrote it would
         return self
 
     def load(self):
