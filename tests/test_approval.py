@@ -42,7 +42,7 @@ def _approve(project: Path, text: str) -> None:
 
 GATED = [
     ("vm.name", "", '[vm]\nname = "other"\n'),
-    ("vm.hypervisor", "", '[vm]\nhypervisor = "cloud-hypervisor"\n'),
+    ("vm.hypervisor", "", '[vm]\nhypervisor = "crosvm"\n'),
     ("vm.cid", "", "[vm]\ncid = 9\n"),
     ("network.mode", "", '[network]\nmode = "user"\n'),
     ("network.interface", "", '[network]\ninterface = "microvm-x"\n'),
