@@ -322,6 +322,9 @@ class NotApproved(MarinerError):
                               "again")
         self.review = result
 
+    def json_fields(self) -> dict:
+        return {"approval": self.review.to_json()}
+
 
 Confirm = Callable[[Review], bool]
 

@@ -121,14 +121,16 @@ def up(cfg: ProjectConfig, *, timeout: float = 180.0, restart: bool = True,
     from .project import render_for
 
     backend = backend or default_backend()
-    backend.preflight()  # before anything is reserved: a host that cannot run VMs claims no name
     registry = Registry()
+    progress("checking the configuration")
+    paths.ensure_private_dir(paths.mariner_home())   # where the approval is: say if unusable
+    # One read of the module files and share paths: the bytes approved are those rendered.
+    inputs = read_host_inputs(cfg)
+    check_ownership(cfg, registry.get(cfg.name))   # another project's name: say that first
+    # Before any host command (the preflight runs systemctl): nothing unapproved acts there.
+    approval.gate(cfg, inputs, confirm)
+    backend.preflight()  # before anything is reserved: a host that cannot run VMs claims no name
     with VmLock(cfg.name, wait=wait_lock, progress=progress):
-        progress("checking the configuration")
-        # One read of the module files and share paths: the bytes approved are those rendered.
-        inputs = read_host_inputs(cfg)
-        check_ownership(cfg, registry.get(cfg.name))   # another project's name: say that first
-        approval.gate(cfg, inputs, confirm)
         # Before the VM first boots (post_create runs repository code): what the host runs
         # from the project is recorded once; only `mariner trust` moves it afterwards.
         tripwire.record_baseline(str(cfg.project_dir))

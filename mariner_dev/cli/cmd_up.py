@@ -27,10 +27,8 @@ def up(
     """
     from .. import lifecycle
     from .app import emit_error
-    from .progress import PhaseDisplay
-
-    from ..approval import NotApproved
     from .cmd_trust import ask_approval, at_terminal
+    from .progress import PhaseDisplay
 
     ctx = context(project, json_output)
     try:
@@ -42,12 +40,6 @@ def up(
             result = lifecycle.up(cfg, timeout=timeout, restart=not no_restart,
                                   wait_lock=not fail_if_locked, progress=progress,
                                   confirm=confirm)
-    except NotApproved as exc:
-        if json_output:
-            ctx.emit_json({"version": 1, "outcome": "error", "message": str(exc),
-                           "hint": exc.hint, "approval": exc.review.to_json()})
-            raise typer.Exit(exc.exit_code) from None
-        raise
     except lifecycle.HookFailed as exc:
         if json_output:  # the failure document also says where the running VM is
             emit_error(exc, **exc.result.to_json())

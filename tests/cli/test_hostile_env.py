@@ -113,7 +113,7 @@ def test_dot_ssh_unusable(run_cli, project, tmp_path, monkeypatch, kind):
 
 def test_registry_from_a_newer_mariner(run_cli, project, fakehost):
     registry = Path(os.environ["MARINER_HOME"]) / "registry.json"
-    registry.parent.mkdir(parents=True)
+    registry.parent.mkdir(parents=True, exist_ok=True)  # the approval lives there too
     registry.write_text(json.dumps({"version": 2, "machines": {"proj": {"id": 1}}}))
     for args in COMMANDS:
         code, out, err = _check(run_cli, project, args)
