@@ -115,7 +115,8 @@ def test_concurrent_clients_get_exactly_their_own_bytes(home, guest, project, ag
             assert not wrong, f"round {round_}: {len(wrong)} wrong: {wrong[:5]}"
             assert sync.returncode == 0, sync_err
             assert b"Traceback" not in sync_err
-            assert forwarded == [blob]
+            assert forwarded == [blob], (len(forwarded[0]) if forwarded else None,
+                                         client.agent_forwards(target)["forwards"])
             assert client.agent_pid(cfg.name) == pid     # one agent served it all
         for i in range(20):
             assert (guest.home / tree / f"f{i}.txt").read_text() == f"file {i}\n" * (i + 1)
