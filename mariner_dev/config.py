@@ -551,12 +551,23 @@ class _Resolver:
                 self.error(key, f"{path} is a directory without default.nix")
             elif path.is_file() and path.suffix != ".nix":
                 self.error(key, f"{path} is not a .nix file")
+            else:
+                self.check_module_files(path, key)
             modules.append(path)
         return m.NixSettings(
             packages=tuple(item for _, item in self.elements("nix", "packages")),
             modules=tuple(modules),
             mariner=self.get("nix", "mariner") or DEFAULT_MARINER_FLAKE,
         )
+
+    def check_module_files(self, path: Path, key: tuple) -> None:
+        """Devices, FIFOs, sockets, escaping symlinks and oversized entries (modulefiles.py)."""
+        from .modulefiles import ModuleFileError, scan
+
+        try:
+            scan(path)
+        except ModuleFileError as exc:
+            self.error(key, str(exc))
 
     def ports(self, network: m.NetworkSettings) -> tuple[m.PortForward, ...]:
         out: list[m.PortForward] = []

@@ -13,8 +13,9 @@ import platform
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from . import model as m
 from .config import USER_MODE_IFACE
@@ -36,6 +37,7 @@ class RenderedFlake:
     files: dict[str, bytes]
     hash: str
     metadata: dict
+    modes: dict[str, int] = field(default_factory=dict)  # permission bits; default 0o644
 
 
 def nix_string(value: str) -> str:
@@ -204,29 +206,36 @@ class HostInputs:
     module_names: tuple[str, ...]
     module_files: dict[str, bytes]
     share_sources: tuple[str, ...]
+    module_modes: dict[str, int] = field(default_factory=dict)   # permission bits of each file
 
 
 def read_host_inputs(cfg: m.ProjectConfig) -> HostInputs:
     """Read the module files and resolve the share sources of `cfg`."""
-    names, files = _module_files(cfg)
+    names, files, modes = _module_files(cfg)
     # The real path: a share directory that the VM replaced by a symlink shows as a new path.
     shares = tuple(os.path.realpath(s.source) for s in cfg.shares)
-    return HostInputs(module_names=tuple(names), module_files=files, share_sources=shares)
+    return HostInputs(module_names=tuple(names), module_files=files, share_sources=shares,
+                      module_modes=modes)
 
 
-def _module_files(cfg: m.ProjectConfig) -> tuple[list[str], dict[str, bytes]]:
+def _module_files(cfg: m.ProjectConfig) -> tuple[list[str], dict[str, bytes], dict[str, int]]:
+    from .modulefiles import ModuleFileError, read
+
     names: list[str] = []
     files: dict[str, bytes] = {}
+    modes: dict[str, int] = {}
     for index, path in enumerate(cfg.nix.modules):
         name = _module_file_name(index, path)
         names.append(name)
-        if path.is_dir():
-            for sub in sorted(path.rglob("*")):
-                if sub.is_file():
-                    files[f"modules/{name}/{sub.relative_to(path).as_posix()}"] = sub.read_bytes()
-        else:
-            files[f"modules/{name}"] = path.read_bytes()
-    return names, files
+        try:
+            contents = read(path)
+        except ModuleFileError as exc:
+            raise MarinerError(f"nix.modules[{index}]: {exc}", exit_code=2) from None
+        for rel, data, mode in contents:
+            target = f"modules/{name}/{rel}" if rel else f"modules/{name}"
+            files[target] = data
+            modes[target] = mode
+    return names, files, modes
 
 
 def render_flake(cfg: m.ProjectConfig, *, cid: int, ssh_port: int | None,
@@ -237,35 +246,45 @@ def render_flake(cfg: m.ProjectConfig, *, cid: int, ssh_port: int | None,
         raise MarinerError("user-mode networking needs an SSH port; none was allocated")
     inputs = inputs or read_host_inputs(cfg)
     files = dict(inputs.module_files)
+    modes = dict(inputs.module_modes)
     files["flake.nix"] = _flake_nix(cfg, list(inputs.module_names)).encode()
     files["vm.nix"] = _vm_module(cfg, cid, ssh_port, public_key,
                                  inputs.share_sources).encode()
     digest = hashlib.sha256()
     for rel in sorted(files):
         digest.update(rel.encode() + b"\0" + hashlib.sha256(files[rel]).digest())
+        if modes.get(rel, 0) & 0o100:  # Nix keeps a file's executable bit, nothing else
+            digest.update(b"\0x")
     flake_hash = digest.hexdigest()
     metadata = {"name": cfg.name, "hash": flake_hash, "cid": cid, "ssh_port": ssh_port,
                 "config": cfg.to_json()}
     files[METADATA_FILE] = (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode()
-    return RenderedFlake(name=cfg.name, files=files, hash=flake_hash, metadata=metadata)
+    return RenderedFlake(name=cfg.name, files=files, hash=flake_hash, metadata=metadata,
+                         modes=modes)
 
 
-def write_flake(rendered: RenderedFlake, directory: Path) -> Path:
-    """Write the flake directory so that it is always either the old or the new one."""
+def write_flake(rendered: RenderedFlake, directory: Path, *,
+                may_replace: Callable[[Path], str | None] | None = None) -> Path:
+    """Write the flake directory so that it is always either the old or the new one.
+
+    An existing directory is moved aside before it is removed; with `may_replace`, the moved
+    directory is passed to it first and, when it returns a reason, put back untouched and
+    the write refused (exit 2) with that reason."""
     directory = Path(directory).absolute()
     if directory.exists() and not directory.is_dir():
         raise MarinerError(f"cannot write the flake to {directory}: it is not a directory",
                            exit_code=2)
     try:
-        return _write_flake(rendered, directory)
+        return _write_flake(rendered, directory, may_replace)
     except OSError as exc:
         where = exc.filename or directory
         raise MarinerError(f"cannot write the flake to {directory}: {where}: "
                            f"{exc.strerror or exc}") from None
 
 
-def _write_flake(rendered: RenderedFlake, directory: Path) -> Path:
-    if directory.is_dir() and _same_content(directory, rendered.files):
+def _write_flake(rendered: RenderedFlake, directory: Path,
+                 may_replace: Callable[[Path], str | None] | None) -> Path:
+    if directory.is_dir() and _same_content(directory, rendered):
         return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.new-"))
@@ -274,6 +293,7 @@ def _write_flake(rendered: RenderedFlake, directory: Path) -> Path:
             target = staging / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
+            os.chmod(target, rendered.modes.get(rel, 0o644))
         _keep_lock(directory, staging)
         os.chmod(staging, 0o755)
         old = None
@@ -281,6 +301,10 @@ def _write_flake(rendered: RenderedFlake, directory: Path) -> Path:
             old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
             os.rmdir(old)
             os.rename(directory, old)
+            refused = may_replace(old) if may_replace is not None else None
+            if refused is not None:
+                os.rename(old, directory)
+                raise MarinerError(refused, exit_code=2)
         os.rename(staging, directory)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -301,12 +325,15 @@ def _keep_lock(directory: Path, staging: Path) -> None:
         shutil.copyfile(lock, staging / LOCK_FILE)
 
 
-def _same_content(directory: Path, files: dict[str, bytes]) -> bool:
+def _same_content(directory: Path, rendered: RenderedFlake) -> bool:
+    files = rendered.files
     present = {p.relative_to(directory).as_posix() for p in directory.rglob("*")
                if p.is_file()} - {LOCK_FILE}
     if present != set(files):
         return False
-    return all((directory / rel).read_bytes() == data for rel, data in files.items())
+    return all((directory / rel).read_bytes() == data
+               and (directory / rel).stat().st_mode & 0o777 == rendered.modes.get(rel, 0o644)
+               for rel, data in files.items())
 
 
 def read_metadata(directory: Path) -> dict | None:

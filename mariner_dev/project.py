@@ -219,16 +219,22 @@ def render_project(cfg, out: Path | None = None) -> RenderResult:
     """Reserve the VM's cid/port, render its flake and write it (default place or `out`)."""
     from . import paths
     from .allocation import reserve
-    from .nixrender import write_flake
-
     from .approval import is_approved
-    from .nixrender import read_host_inputs
+    from .nixrender import read_host_inputs, write_flake
 
+    if out is not None:
+        out = Path(out).absolute()
+        expected = _out_dir_identity(out)   # refused before anything is reserved or written
     inputs = read_host_inputs(cfg)
     record = reserve(cfg)
     flake = render_for(cfg, record, inputs)
     if out is not None:
-        return RenderResult(directory=write_flake(flake, Path(out)), flake=flake, record=record)
+        from .state import record_rendered_dir
+
+        directory = write_flake(flake, out,
+                                may_replace=lambda moved: _still_replaceable(out, moved, expected))
+        record_rendered_dir(directory)
+        return RenderResult(directory=directory, flake=flake, record=record)
     if not is_approved(cfg, inputs):
         # The default directory is what the host builds the VM from (`microvm -u` by hand
         # too): a change nobody approved goes beside it.
@@ -240,3 +246,53 @@ def render_project(cfg, out: Path | None = None) -> RenderResult:
     with VmLock(cfg.name, wait=True):
         directory = write_flake(flake, paths.default_flake_dir(cfg.name))
     return RenderResult(directory=directory, flake=flake, record=record)
+
+
+def _out_dir_identity(out: Path) -> tuple[int, int] | None:
+    """Whether `render --out` may write at `out`: a new path, an empty directory, or one that
+    `render --out` created (recorded in MARINER_HOME by path and inode); the identity of what
+    is there now, for the check after it is moved aside. Anything else is refused, exit 2.
+
+    Today's danger: `mariner render --out .` in a project replaced the project directory."""
+    import os
+    import stat
+
+    from .state import rendered_dir_identity
+
+    try:
+        st = os.lstat(out)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise MarinerError(f"cannot write the flake to {out}: {exc.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise UsageError(f"{out} is a symlink; `render --out` writes only to a directory it "
+                         f"names directly (give the real path)")
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"cannot write the flake to {out}: it is not a directory")
+    if os.path.lexists(out / CONFIG_NAME):
+        raise UsageError(f"{out} holds a {CONFIG_NAME}: `render --out` never replaces a "
+                         f"project directory; choose a new directory (nothing was changed)")
+    identity = (st.st_dev, st.st_ino)
+    try:
+        empty = not any(os.scandir(out))
+    except OSError as exc:
+        raise UsageError(f"cannot write the flake to {out}: {exc.strerror}") from None
+    if not empty and rendered_dir_identity(out) != identity:
+        raise UsageError(f"{out} exists, is not empty and was not created by `mariner render`; "
+                         f"nothing was changed: choose a new or empty directory")
+    return identity
+
+
+def _still_replaceable(out: Path, moved: Path, expected: tuple[int, int] | None) -> str | None:
+    """After the directory at `out` was moved aside to `moved`: is it still the one that was
+    checked (not swapped for another meanwhile)? None if so, else why not."""
+    import os
+
+    st = os.lstat(moved)
+    if expected is None or (st.st_dev, st.st_ino) != expected:
+        return f"{out} changed while the flake was being written; nothing was changed: try again"
+    if os.path.lexists(moved / CONFIG_NAME):
+        return (f"{out} holds a {CONFIG_NAME}: `render --out` never replaces a project "
+                f"directory; choose a new directory (nothing was changed)")
+    return None

@@ -98,6 +98,56 @@ class Registry:
         return self.load().get(name)
 
 
+# -- directories `render --out` created: the only existing non-empty ones it replaces ---------
+# Kept here, by path and inode, not as a marker inside the directory: the VM can write the
+# project, so it could plant a marker in a directory it wants destroyed.
+
+def _rendered_dirs_file() -> Path:
+    return paths.mariner_home() / "rendered-dirs.json"
+
+
+def _load_rendered_dirs() -> dict[str, list[int]]:
+    try:
+        data = json.loads(_rendered_dirs_file().read_text())
+        dirs = data["dirs"]
+        return {str(k): [int(v[0]), int(v[1])] for k, v in dirs.items()}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return {}  # unreadable: nothing counts as mariner's, so nothing is replaced
+
+
+def rendered_dir_identity(path: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the directory `render --out` created at `path`, if it did."""
+    entry = _load_rendered_dirs().get(str(Path(path).absolute()))
+    return (entry[0], entry[1]) if entry else None
+
+
+def record_rendered_dir(path: Path) -> None:
+    """Remember that `render --out` created the directory now at `path`."""
+    import os
+
+    path = Path(path).absolute()
+    st = os.lstat(path)
+    paths.ensure_private_dir(paths.mariner_home())
+    with file_lock(paths.mariner_home() / "rendered-dirs.lock", what="the rendered-dirs record",
+                   timeout=60):
+        dirs = _load_rendered_dirs()
+        dirs[str(path)] = [st.st_dev, st.st_ino]
+        # Entries whose directory is gone (or is another one now) are dropped.
+        for key, (dev, ino) in list(dirs.items()):
+            try:
+                other = os.lstat(key)
+            except OSError:
+                del dirs[key]
+                continue
+            if (other.st_dev, other.st_ino) != (dev, ino):
+                del dirs[key]
+        write_atomic(_rendered_dirs_file(),
+                     json.dumps({"version": 1, "dirs": dirs}, indent=2, sort_keys=True) + "\n",
+                     mode=0o600)
+
+
 def vm_lock_file(name: str) -> Path:
     """The per-VM lock that `up`, `down` and `destroy` take."""
     return paths.mariner_home() / "locks" / f"{name}.lock"

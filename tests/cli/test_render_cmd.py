@@ -67,15 +67,93 @@ def test_render_with_out_and_user_identity(run_cli, tmp_path):
     assert not (_home() / "vms" / "api" / "flake").exists()
 
 
-def test_render_replaces_the_whole_directory(run_cli, tmp_path):
+def test_render_replaces_the_whole_directory_it_created(run_cli, tmp_path):
     project = _project(tmp_path)
     out = tmp_path / "flake"
-    out.mkdir()
+    code, _, err = run_cli("render", "--out", str(out), cwd=project)
+    assert code == 0, err
     (out / "stale.nix").write_text("old")
     code, _, err = run_cli("render", "--out", str(out), cwd=project)
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["flake.nix", "mariner.json", "vm.nix"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def _tree(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(directory.rglob("*"))}
+
+
+def test_render_out_dot_in_a_project_destroys_nothing(run_cli, tmp_path):
+    project = _project(tmp_path)
+    (project / "src").mkdir()
+    (project / "src" / "main.py").write_text("print('hi')\n")
+    before = _tree(project)
+    for out in (".", str(project)):
+        code, stdout, err = run_cli("render", "--out", out, cwd=project)
+        assert code == 2 and stdout == "", err
+        assert "holds a mariner.toml" in err and "nothing was changed" in err
+        assert len(err.strip().splitlines()) <= 2 and "Traceback" not in err
+    assert _tree(project) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["api"]   # nothing moved aside
+    assert not (_home() / "registry.json").exists()                 # refused before reserving
+
+
+def test_render_refuses_a_non_empty_directory_it_did_not_create(run_cli, tmp_path):
+    project = _project(tmp_path)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    # a marker planted inside the directory (the VM can write the project) does not count
+    (out / "mariner.json").write_text('{"name": "api"}')
+    code, stdout, err = run_cli("render", "--out", str(out), cwd=project)
+    assert code == 2 and stdout == "" and "was not created by `mariner render`" in err
+    assert sorted(p.name for p in out.iterdir()) == ["mariner.json", "notes.txt"]
+    # an empty directory is fine, and from then on it is mariner's
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_cli("render", "--out", str(empty), cwd=project)[0] == 0
+    assert (empty / "flake.nix").is_file()
+
+
+def test_render_refuses_a_directory_swapped_at_the_recorded_path(run_cli, tmp_path):
+    project = _project(tmp_path)
+    out = tmp_path / "flake"
+    assert run_cli("render", "--out", str(out), cwd=project)[0] == 0
+    # the recorded directory is replaced by another one (another inode) with the user's data
+    out.rename(tmp_path / "old")
+    out.mkdir()
+    (out / "data.txt").write_text("precious")
+    code, _, err = run_cli("render", "--out", str(out), cwd=project)
+    assert code == 2 and "was not created by `mariner render`" in err
+    assert (out / "data.txt").read_text() == "precious"
+    # a symlink is never followed into replacing what it points at
+    link = tmp_path / "link"
+    link.symlink_to(project)
+    code, _, err = run_cli("render", "--out", str(link), cwd=project)
+    assert code == 2 and "symlink" in err
+    assert link.is_symlink() and (project / "mariner.toml").is_file()
+
+
+def test_a_directory_swapped_while_rendering_is_put_back(tmp_path):
+    from mariner_dev.project import _still_replaceable
+
+    target = tmp_path / "flake"
+    good = RenderedFlake("x", {"flake.nix": b"{ }\n"}, "h1", {})
+    write_flake(good, target)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "mariner.toml").write_text("[vm]\n")
+    st = target.stat()
+    target.rename(tmp_path / "moved")
+    other.rename(target)      # the swap happens after the check, before the move aside
+    with pytest.raises(MarinerError, match="changed while") as info:
+        write_flake(RenderedFlake("x", {"flake.nix": b"new\n"}, "h2", {}), target,
+                    may_replace=lambda moved: _still_replaceable(target, moved,
+                                                                 (st.st_dev, st.st_ino)))
+    assert info.value.exit_code == 2
+    assert (target / "mariner.toml").read_text() == "[vm]\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flake", "moved"]
 
 
 def test_render_to_an_unwritable_place_fails_cleanly(run_cli, tmp_path):
