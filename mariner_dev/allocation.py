@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import socket
-import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
 from . import paths
 from .errors import MarinerError, OwnershipError
-from .fsutil import file_lock
 from .model import ProjectConfig
 from .nixrender import read_metadata
 from .state import Registry, VmRecord
@@ -21,20 +21,78 @@ CID_RANGE = range(3, 255)              # nix-mariner's address and MAC derivatio
 SSH_PORT_RANGE = range(22200, 23200)   # where allocated user-mode SSH ports come from
 
 
+HOST_LOCK_TIMEOUT = 30.0
+
+
 @contextlib.contextmanager
-def host_lock() -> Iterator[None]:
-    """A host-wide lock around allocation, shared by every user's mariner."""
+def host_lock(timeout: float | None = None) -> Iterator[None]:
+    """A host-wide lock around allocation, shared by every user's mariner: an flock on the
+    microvm state directory itself, opened read-only, so it needs no file anyone can write
+    (a world-writable lock file in /tmp lets any local user hold every mariner up). Held only
+    while cids and ports are chosen; a wait for it is bounded."""
+    timeout = HOST_LOCK_TIMEOUT if timeout is None else timeout
     directory = paths.microvms_dir()
-    if not (directory.is_dir() and os.access(directory, os.W_OK)):
-        directory = Path(tempfile.gettempdir())
-    with file_lock(directory / ".mariner-allocate.lock", what="the host's cid allocation",
-                   timeout=60):
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield  # no state directory: no VM exists on this host yet, none to collide with
+        return
+    except OSError as exc:
+        raise MarinerError(
+            f"cannot open the microvm state directory {directory} to lock the host's cid "
+            f"allocation: {exc.strerror}",
+            hint="it must be readable by every user who runs mariner; `mariner doctor` "
+                 "checks the host") from None
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise MarinerError(f"cannot lock {directory} for the host's cid "
+                                       f"allocation: {exc.strerror}") from None
+            if time.monotonic() > deadline:
+                raise MarinerError(
+                    f"another mariner (maybe another user's) has held the host's cid "
+                    f"allocation lock ({directory}) for {timeout:g} s; try again",
+                    hint="`fuser -v " + str(directory) + "` shows who holds it")
+            time.sleep(0.05)
         yield
+    finally:
+        os.close(fd)
+
+
+def running_with_cid(cid: int, but: str) -> str | None:
+    """The VM (any user's, other than `but`) that runs with vsock cid `cid`: its `booted`
+    runner, linked at start and removed at stop, records the cid it was started with."""
+    directory = paths.microvms_dir()
+    try:
+        entries = sorted(e.name for e in os.scandir(directory)
+                         if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
+    except OSError:
+        return None
+    for name in entries:
+        if name != but and read_vsock_cid(directory / name, "booted") == cid:
+            return name
+    return None
+
+
+def read_vsock_cid(vm_dir: Path, link: str = "current") -> int | None:
+    """The vsock cid the VM's runner (`current` or `booted`) was built with, if it has one."""
+    try:
+        with open(vm_dir / link / "share" / "microvm" / "vsock-cid", "rb") as fh:
+            text = fh.read(32).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def foreign_vms() -> dict[str, tuple[int | None, int | None]]:
-    """VMs in the microvm state directory, with the (cid, SSH port) their mariner flake
-    records, if it is one of mariner's (possibly another user's)."""
+    """VMs in the microvm state directory, with their (cid, SSH port): the cid from the
+    runner's vsock-cid file, else (and the port) from the mariner flake they were built from,
+    when it is one of mariner's and readable (another user's MARINER_HOME usually is not)."""
     out: dict[str, tuple[int | None, int | None]] = {}
     directory = paths.microvms_dir()
     try:
@@ -42,14 +100,15 @@ def foreign_vms() -> dict[str, tuple[int | None, int | None]]:
     except OSError:
         return out
     for entry in entries:
-        cid = port = None
+        cid = read_vsock_cid(entry)
+        port = None
         try:
             ref = (entry / "flake").read_text().strip()
         except OSError:
             ref = ""
         if ref.startswith("path:"):
             meta = read_metadata(Path(ref[len("path:"):]))
-            if meta and isinstance(meta.get("cid"), int):
+            if cid is None and meta and isinstance(meta.get("cid"), int):
                 cid = meta["cid"]
             if meta and isinstance(meta.get("ssh_port"), int):
                 port = meta["ssh_port"]
@@ -68,30 +127,48 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+def stale_claim(record: VmRecord) -> bool:
+    """A registry record whose project directory is gone and whose VM does not exist on the
+    host: nothing holds the name any more, so it is released when another project wants it."""
+    return (not os.path.isdir(record.project)
+            and not os.path.lexists(paths.microvms_dir() / record.name))
+
+
 def check_ownership(cfg: ProjectConfig, record: VmRecord | None, *, verb: str = "update",
-                    foreign_ok: bool = False) -> None:
+                    foreign_ok: bool = False) -> VmRecord | None:
     """Refuse a VM name that belongs to another project or (unless `foreign_ok`, for
-    read-only commands) a VM that mariner did not create: mariner never touches them."""
+    read-only commands) a VM that mariner did not create: mariner never touches them.
+    Returns the record that stands: None for a stale claim (see `stale_claim`)."""
     if record is not None:
         if Path(record.project) != cfg.project_dir:
+            if stale_claim(record):
+                return None
             raise OwnershipError(
                 f"VM {cfg.name!r} belongs to the project {record.project}; set a different "
                 f"[vm] name in {cfg.config_file} (mariner does not {verb} another project's VM)",
-                exit_code=2)
-        return
+                exit_code=2, hint=f"if that project is gone, `mariner destroy --name {cfg.name}` "
+                                  f"frees the name")
+        return record
     if not foreign_ok and (paths.microvms_dir() / cfg.name).exists():
         raise OwnershipError(
             f"a VM named {cfg.name!r} exists in {paths.microvms_dir()} and mariner did not "
             f"create it, so it does not {verb} it; set a different [vm] name in "
             f"{cfg.config_file}", exit_code=2)
+    return None
 
 
-def reserve(cfg: ProjectConfig, registry: Registry | None = None) -> VmRecord:
-    """The VM's registry record, created or updated so its cid and SSH port are unique."""
+def reserve(cfg: ProjectConfig, registry: Registry | None = None,
+            taken: dict[int, str] | None = None) -> VmRecord:
+    """The VM's registry record, created or updated so its cid and SSH port are unique on
+    the host; `taken` adds cids found in use ({cid: the VM that holds it})."""
     registry = registry or Registry()
     with host_lock(), registry.transaction() as vms:
-        record = vms.get(cfg.name)
-        check_ownership(cfg, record)
+        claimed = vms.get(cfg.name)
+        record = check_ownership(cfg, claimed)
+        if claimed is not None and record is None:   # a stale claim: released
+            from .state import forget_vm_files
+
+            forget_vm_files(cfg.name)
         others = {name: rec for name, rec in vms.items() if name != cfg.name}
         used_cids = {rec.cid: name for name, rec in others.items()}
         used_ports = {rec.ssh_port: name for name, rec in others.items() if rec.ssh_port}
@@ -102,6 +179,8 @@ def reserve(cfg: ProjectConfig, registry: Registry | None = None) -> VmRecord:
                 used_cids.setdefault(cid, name)
             if port is not None:
                 used_ports.setdefault(port, name)
+        for cid, holder in (taken or {}).items():
+            used_cids.setdefault(cid, holder)
         cid = _choose_cid(cfg, record, used_cids)
         ssh_port = _choose_port(cfg, record, used_ports) if cfg.network.mode == "user" else None
         if record is None:

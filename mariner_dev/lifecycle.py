@@ -6,7 +6,7 @@ backend; every guest interaction through `remote`.
 
 from __future__ import annotations
 
-import shutil
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +17,7 @@ from .errors import GuestUnreachable, HostError, HostUnavailable, MarinerError, 
 from .fsutil import LockBusy, file_lock
 from .host.backend import HostBackend, HostVmStatus
 from .model import ProjectConfig
-from .state import Registry, VmRecord, stop_attached, vm_lock_file
+from .state import Registry, VmRecord, forget_vm_files, stop_attached, vm_lock_file
 
 Progress = Callable[[str], None]
 
@@ -137,6 +137,7 @@ def up(cfg: ProjectConfig, *, timeout: float = 180.0, restart: bool = True,
         file_changes = tripwire.changes(str(cfg.project_dir)) or []
         record = reserve(cfg, registry)
         host = backend.status(cfg.name)
+        refuse_foreign(cfg.name, host, record, "rebuild or start")
         # An existing VM keeps what cannot apply to it (disk sizes, an old default).
         settled = settle(cfg, record.built_config if host.exists else None)
         flake = render_for(cfg, record, inputs, built=host.exists)
@@ -188,7 +189,18 @@ def up(cfg: ProjectConfig, *, timeout: float = 180.0, restart: bool = True,
         target = remote.target_for(cfg, record)
         fresh_boot = result.started or result.created
         if fresh_boot or not remote.tcp_reachable(target, timeout=1.0):
-            _wait_for_guest(cfg, backend, target, timeout, progress)
+            try:
+                _wait_for_guest(cfg, backend, target, timeout, progress, cid=record.cid)
+            except CidTaken as taken:
+                # vsock cids are global to the kernel: another user's VM (or one mariner did
+                # not create) started with ours since it was allocated. Move, once.
+                record = _move_cid(cfg, registry, backend, record, taken.holder, result,
+                                   progress)
+                _update_record(registry, cfg.name, post_start_pending=True)
+                backend.start(cfg.name)
+                target = remote.target_for(cfg, record)
+                result.address, result.ssh_port = record.ssh_endpoint[0], record.ssh_port
+                _wait_for_guest(cfg, backend, target, timeout, progress, cid=record.cid)
         result.state = "running"
         _write_ssh_config(cfg, record, result)
         # Cheap when the agent runs (one ping); replaces one that holds another forward list.
@@ -200,6 +212,66 @@ def up(cfg: ProjectConfig, *, timeout: float = 180.0, restart: bool = True,
         return result
 
 
+class CidTaken(MarinerError):
+    """The VM's vsock cid is held by another running VM on this host."""
+
+    def __init__(self, name: str, cid: int, holder: str):
+        super().__init__(f"VM {name!r} could not start: its vsock cid {cid} is taken by VM "
+                         f"{holder!r} on this host")
+        self.cid = cid
+        self.holder = holder
+
+
+def _move_cid(cfg: ProjectConfig, registry: Registry, backend: HostBackend, record: VmRecord,
+              holder: str, result: UpResult, progress: Progress) -> VmRecord:
+    """Give the VM another cid than the one `holder` runs with, rebuild it, and say so."""
+    from .allocation import reserve
+    from .nixrender import write_flake
+    from .project import render_for
+
+    old = record.cid
+    progress(f"vsock cid {old} is taken by VM {holder} on this host; choosing another")
+    if backend.status(cfg.name).unit != "inactive":
+        backend.stop(cfg.name)   # a failed start may be looping in systemd's auto-restart
+    record = reserve(cfg, registry, taken={old: holder})
+    flake = render_for(cfg, record)
+    write_flake(flake, paths.default_flake_dir(cfg.name))
+    progress(f"rebuilding VM {cfg.name} with cid {record.cid} (microvm -u)")
+    backend.update(cfg.name)
+    record = _update_record(registry, cfg.name, built_hash=flake.hash,
+                            built_config=flake.metadata["config"], restart_pending=False)
+    result.updated = True
+    result.messages.append(f"vsock cid {old} was taken by VM {holder!r} on this host: VM "
+                           f"{cfg.name} now uses cid {record.cid}")
+    return record
+
+
+def foreign_owner(name: str, host: HostVmStatus, record: VmRecord | None) -> str | None:
+    """Why the VM `name` that exists on the host is not this user's, or None when its `flake`
+    file points at this user's flake directory. A stale registry record (the VM was removed
+    and another user created one with the same name) must never lead to another user's VM
+    being rebuilt, restarted, stopped or deleted."""
+    if not host.exists:
+        return None
+    ours = {f"path:{paths.default_flake_dir(name)}"}
+    if record is not None and record.flake_dir:
+        ours.add(f"path:{record.flake_dir}")
+    if host.flakeref in ours:
+        return None
+    built = f"built from {host.flakeref}" if host.flakeref else "not built from a flake"
+    return (f"VM {name!r} on this host is {built}, not from your flake "
+            f"{paths.default_flake_dir(name)}: it belongs to another user (or another "
+            f"MARINER_HOME)")
+
+
+def refuse_foreign(name: str, host: HostVmStatus, record: VmRecord | None, verb: str) -> None:
+    problem = foreign_owner(name, host, record)
+    if problem is not None:
+        raise OwnershipError(f"{problem}; mariner does not {verb} it", exit_code=2,
+                             hint=f"`mariner destroy` drops your stale record of it; then set "
+                                  f"a different [vm] name")
+
+
 def _stop_agent(name: str) -> None:
     from . import remote
 
@@ -207,15 +279,22 @@ def _stop_agent(name: str) -> None:
 
 
 def _wait_for_guest(cfg: ProjectConfig, backend: HostBackend, target, timeout: float,
-                    progress: Progress) -> None:
-    """Wait until SSH answers (pinning the host key on first contact), or explain why not."""
+                    progress: Progress, cid: int | None = None) -> None:
+    """Wait until SSH answers (pinning the host key on first contact), or explain why not.
+    A start that failed because another running VM holds the cid raises CidTaken."""
     from . import remote
+    from .allocation import running_with_cid
 
     progress(f"waiting for SSH on {target.describe()}")
     deadline = time.monotonic() + timeout
     while True:
         host = backend.status(cfg.name)
-        if host.unit == "failed" or (host.unit == "inactive" and host.exists):
+        down = host.unit == "failed" or (host.unit == "inactive" and host.exists)
+        if cid is not None and (down or host.substate == "auto-restart"):
+            holder = running_with_cid(cid, cfg.name)
+            if holder is not None:
+                raise CidTaken(cfg.name, cid, holder)
+        if down:
             tail = "\n".join(backend.log_tail(cfg.name, 15))
             raise MarinerError(f"VM {cfg.name!r} stopped while booting ({host.unit}); "
                                f"last lines of its log:\n{tail}",
@@ -300,12 +379,15 @@ def down(cfg: ProjectConfig, *, backend: HostBackend | None = None,
     backend = backend or default_backend()
     registry = Registry()
     with VmLock(cfg.name, wait=wait_lock, progress=progress):
-        if _owned_record(cfg, registry, "stop", foreign_ok=False) is None:
+        record = _owned_record(cfg, registry, "stop", foreign_ok=False)
+        if record is None:
             return False
         backend.preflight()
+        host = backend.status(cfg.name)
+        refuse_foreign(cfg.name, host, record, "stop")
         _stop_agent(cfg.name)
         stop_attached(cfg.name)
-        if backend.status(cfg.name).unit == "inactive":
+        if host.unit == "inactive":
             return False
         progress(f"stopping VM {cfg.name}")
         backend.stop(cfg.name, wait=True)
@@ -313,27 +395,89 @@ def down(cfg: ProjectConfig, *, backend: HostBackend | None = None,
         return True
 
 
-def destroy(cfg: ProjectConfig, *, backend: HostBackend | None = None,
-            progress: Progress = _noop) -> bool:
-    """Remove the VM, its volumes, registry entry, ssh-config entry and pinned host key."""
-    from . import remote, sshconfig
+@dataclass
+class DestroyResult:
+    name: str
+    removed: bool                 # mariner had a record of the VM and removed it
+    host_removed: bool = False    # the VM was removed from the host
+    host_failed: bool = False     # the host could not be reached or failed (with force)
+    notes: list[str] = field(default_factory=list)   # what was left, and why
+
+
+def destroy(cfg: ProjectConfig, *, backend: HostBackend | None = None, force: bool = False,
+            progress: Progress = _noop) -> DestroyResult:
+    """Remove the project's VM, its volumes, registry entry, ssh-config entry and pinned key."""
+    return destroy_vm(cfg.name, project_dir=cfg.project_dir, config_file=cfg.config_file,
+                      backend=backend, force=force, progress=progress)
+
+
+def destroy_vm(name: str, *, project_dir: Path | None = None, config_file: Path | None = None,
+               backend: HostBackend | None = None, force: bool = False,
+               progress: Progress = _noop) -> DestroyResult:
+    """Remove VM `name` and mariner's records of it. With `project_dir`, only that project's
+    VM (else any VM in this user's registry: `destroy --name`, for a project moved or gone).
+
+    A VM on the host that another user's flake built is left alone: only this user's stale
+    record goes. With `force`, a host that cannot be reached does not keep mariner's own
+    records: they go, and the notes say what is left on the host."""
+    from .allocation import stale_claim
 
     backend = backend or default_backend()
     registry = Registry()
-    with VmLock(cfg.name, wait=False, progress=progress):
-        if _owned_record(cfg, registry, "destroy", foreign_ok=False) is None:
-            return False
-        backend.preflight()
-        _stop_agent(cfg.name)
-        stop_attached(cfg.name)
-        progress(f"destroying VM {cfg.name}")
-        backend.destroy(cfg.name)
-        sshconfig.remove_entry(cfg.name)
-        remote.forget_host_key(cfg.name)
-        shutil.rmtree(paths.vm_dir(cfg.name), ignore_errors=True)
+    with VmLock(name, wait=False, progress=progress):
+        record = registry.get(name)
+        if record is not None and project_dir is not None and stale_claim(record) \
+                and Path(record.project) != project_dir:
+            record = None   # another project's claim, but nothing is left of it
+        if record is not None and project_dir is not None:
+            if Path(record.project) != project_dir:
+                where = f" in {config_file}" if config_file else ""
+                raise OwnershipError(
+                    f"VM {name!r} belongs to the project {record.project}; set a different "
+                    f"[vm] name{where} (mariner does not destroy another project's VM)",
+                    exit_code=2, hint=f"`mariner destroy --name {name}` destroys it from "
+                                      f"anywhere")
+        if record is None:
+            if os.path.lexists(paths.microvms_dir() / name):
+                where = f" in {config_file}" if config_file else ""
+                raise OwnershipError(
+                    f"a VM named {name!r} exists in {paths.microvms_dir()} and mariner did "
+                    f"not create it, so it does not destroy it; set a different [vm] "
+                    f"name{where}", exit_code=2)
+            return DestroyResult(name=name, removed=False)
+        result = DestroyResult(name=name, removed=True)
+        try:
+            backend.preflight()
+            host = backend.status(name)
+            problem = foreign_owner(name, host, record)
+            if problem is not None:
+                result.notes.append(f"{problem}: it was left alone, and only your own record "
+                                    f"of it was removed (use another [vm] name)")
+            else:
+                _stop_agent(name)
+                stop_attached(name)
+                progress(f"destroying VM {name}")
+                backend.destroy(name)
+                result.host_removed = True
+        except HostError as exc:
+            if not force:
+                exc.hint = exc.hint or ("mariner's records of the VM are kept; `mariner destroy "
+                                        "--force` removes them even when the host cannot be "
+                                        "reached")
+                raise
+            result.host_failed = True
+            result.notes.append(f"could not remove VM {name} on the host ({exc}); remove what "
+                                f"is left there by hand: {backend_leftovers(name)}")
+        result.notes.extend(forget_vm_files(name))
         with registry.transaction() as vms:
-            vms.pop(cfg.name, None)
-        return True
+            vms.pop(name, None)
+        return result
+
+
+def backend_leftovers(name: str) -> str:
+    """Where a VM the host could not destroy leaves its state (for the user's next step)."""
+    return (f"`systemctl stop microvm@{name}` and `rm -rf {paths.microvms_dir() / name}` "
+            f"as root")
 
 
 @dataclass

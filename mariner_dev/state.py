@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import paths
-from .errors import StateError
+from .errors import MarinerError, StateError
 from .fsutil import file_lock, write_atomic
 
 REGISTRY_VERSION = 1
@@ -146,6 +146,27 @@ def record_rendered_dir(path: Path) -> None:
         write_atomic(_rendered_dirs_file(),
                      json.dumps({"version": 1, "dirs": dirs}, indent=2, sort_keys=True) + "\n",
                      mode=0o600)
+
+
+def forget_vm_files(name: str) -> list[str]:
+    """Remove what mariner keeps about VM `name` outside the registry: its background agent
+    and attached processes, ssh-config entry, pinned host key and MARINER_HOME/vms/<name>.
+    Never touches the host. Returns what could not be removed, one line each."""
+    import shutil
+
+    from . import remote, sshconfig
+
+    problems: list[str] = []
+    for what, step in (("its background agent", lambda: remote.stop_agent(name)),
+                       ("its attached processes", lambda: stop_attached(name)),
+                       ("its ssh-config entry", lambda: sshconfig.remove_entry(name)),
+                       ("its pinned host key", lambda: remote.forget_host_key(name))):
+        try:
+            step()
+        except (OSError, MarinerError) as exc:
+            problems.append(f"could not remove {what}: {exc}")
+    shutil.rmtree(paths.vm_dir(name), ignore_errors=True)
+    return problems
 
 
 def vm_lock_file(name: str) -> Path:

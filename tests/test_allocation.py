@@ -101,3 +101,85 @@ def test_a_vm_mariner_did_not_create_is_refused(tmp_path):
         reserve(cfg_of(make(tmp_path, "api")))
     assert "did not create" in str(err.value)
     assert not Registry().file.exists()
+
+
+def _their_vm(name: str, cid: int, link: str = "current") -> Path:
+    """Another user's VM as the host shows it: a runner recording its vsock cid, and a flake
+    file pointing into a MARINER_HOME we cannot read."""
+    vm = Path(os.environ["MARINER_MICROVMS_DIR"]) / name
+    runner = vm / ".runner"
+    (runner / "share" / "microvm").mkdir(parents=True)
+    (runner / "share" / "microvm" / "vsock-cid").write_text(f"{cid}\n")
+    (vm / link).symlink_to(runner)
+    (vm / "flake").write_text(f"path:/home/alice/.local/state/mariner/vms/{name}/flake")
+    return vm
+
+
+def test_cids_the_host_runners_record_are_avoided(tmp_path):
+    for index, cid in enumerate(range(3, 8)):
+        _their_vm(f"theirs{index}", cid)
+    record = reserve(cfg_of(make(tmp_path, "mine")))
+    assert record.cid == 8
+    # an explicit cid that another user's VM holds names it
+    with pytest.raises(MarinerError) as err:
+        reserve(cfg_of(make(tmp_path, "pinned", "[vm]\ncid = 5\n")))
+    assert err.value.exit_code == 2 and "'theirs2'" in str(err.value)
+
+
+def test_the_host_lock_is_an_flock_on_the_state_directory(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from mariner_dev import allocation
+
+    microvms = Path(os.environ["MARINER_MICROVMS_DIR"])
+    microvms.chmod(0o555)   # read-only is enough: no lock file is ever created
+    old_lock = Path("/tmp/.mariner-allocate.lock")   # where older versions fell back to
+    before = sorted(os.listdir(microvms)), old_lock.exists() and old_lock.stat().st_mtime_ns
+    record = reserve(cfg_of(make(tmp_path, "a")))
+    assert record.cid == 3
+    assert sorted(os.listdir(microvms)) == before[0]
+    assert (old_lock.exists() and old_lock.stat().st_mtime_ns) == before[1]
+    # another user's mariner holds it: the wait is bounded and says what it waits for
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         f"fd = os.open({str(microvms)!r}, os.O_RDONLY)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(allocation, "HOST_LOCK_TIMEOUT", 0.5)
+        with pytest.raises(MarinerError) as err:
+            reserve(cfg_of(make(tmp_path, "b")))
+        assert "held the host's cid allocation lock" in str(err.value)
+        assert str(microvms) in str(err.value)
+        assert Registry().get("b") is None
+    finally:
+        holder.kill()
+        holder.wait()
+    assert reserve(cfg_of(tmp_path / "b")).cid == 4
+
+
+def test_an_unusable_state_directory_is_one_clear_line(tmp_path, monkeypatch, run_cli):
+    not_a_dir = tmp_path / "microvms-file"
+    not_a_dir.write_text("")
+    monkeypatch.setenv("MARINER_MICROVMS_DIR", str(not_a_dir))
+    project = make(tmp_path, "a")
+    code, out, err = run_cli("render", cwd=project)
+    assert code == 1 and out == "" and "Traceback" not in err
+    assert f"cannot open the microvm state directory {not_a_dir}" in err
+    assert Registry().get("a") is None
+
+
+def test_a_claim_whose_project_and_vm_are_gone_is_released(tmp_path):
+    import shutil
+
+    first = reserve(cfg_of(make(tmp_path, "one/api")))
+    shutil.rmtree(tmp_path / "one")
+    second = reserve(cfg_of(make(tmp_path, "two/api")))
+    assert second.project == str(tmp_path / "two" / "api") and second.cid == first.cid
+    # but not while the VM still exists on the host
+    shutil.rmtree(tmp_path / "two")
+    (Path(os.environ["MARINER_MICROVMS_DIR"]) / "api").mkdir()
+    with pytest.raises(OwnershipError):
+        reserve(cfg_of(make(tmp_path, "three/api")))

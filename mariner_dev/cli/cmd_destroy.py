@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -10,7 +10,11 @@ from .app import ProjectOpt, app, context
 @app.command("destroy")
 def destroy(
     project: ProjectOpt = None,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Do not ask for confirmation.")] = False,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Do not ask for confirmation; "
+                    "remove mariner's own records even when the host cannot be reached.")] = False,
+    name: Annotated[Optional[str], typer.Option("--name", help="Destroy this VM of yours by "
+                    "name, from anywhere (its project may be moved or gone).",
+                    show_default=False)] = None,
 ) -> None:
     """Remove this project's VM, its volumes, its ssh-config entry and pinned host key.
 
@@ -22,19 +26,44 @@ def destroy(
     import sys
 
     from .. import lifecycle
-    from ..errors import UsageError
+    from ..errors import HostError, UsageError
     from .progress import PhaseDisplay
 
     ctx = context(project)
-    cfg = ctx.load()
+    if name is not None:
+        if project is not None:
+            raise UsageError("give either --name or -C/--project, not both")
+        from ..host.backend import check_vm_name
+
+        try:
+            check_vm_name(name)
+        except HostError as exc:
+            raise UsageError(f"--name: {exc}") from None
+        vm_name, cfg = name, None
+    else:
+        cfg = ctx.load()
+        vm_name = cfg.name
     if not force:
         if not sys.stdin.isatty():
-            raise UsageError(f"destroying VM {cfg.name!r} deletes its disks; "
+            raise UsageError(f"destroying VM {vm_name!r} deletes its disks; "
                              f"confirm with `mariner destroy --force`")
-        if not typer.confirm(f"Destroy VM {cfg.name!r} and delete its volumes?", default=False,
+        if not typer.confirm(f"Destroy VM {vm_name!r} and delete its volumes?", default=False,
                              err=True):
             ctx.err.print("aborted: nothing was destroyed")
             raise typer.Exit(1)
     with PhaseDisplay(ctx.err) as progress:
-        removed = lifecycle.destroy(cfg, progress=progress)
-    ctx.err.print(f"VM {cfg.name} destroyed." if removed else f"VM {cfg.name} does not exist.")
+        if cfg is not None:
+            result = lifecycle.destroy(cfg, force=force, progress=progress)
+        else:
+            result = lifecycle.destroy_vm(vm_name, force=force, progress=progress)
+    for note in result.notes:
+        ctx.err.print(note)
+    if not result.removed:
+        ctx.err.print(f"VM {vm_name} does not exist.")
+    elif result.host_removed:
+        ctx.err.print(f"VM {vm_name} destroyed.")
+    else:
+        ctx.err.print(f"mariner's records of VM {vm_name} removed; the VM on the host was not "
+                      f"(see above).")
+        if result.host_failed:
+            raise typer.Exit(1)

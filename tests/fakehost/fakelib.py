@@ -38,10 +38,16 @@ Knobs (environment variables, read when the command runs):
                                       flake's mariner.username (only when a test cannot
                                       render its test account into [vm] user)
     MARINER_FAKE_NO_SHARES=1          do not emulate virtiofs shares (see below)
+    MARINER_FAKE_HOST_DOWN=1          every `systemctl` fails as on a machine whose systemd
+                                      is not running ("Failed to connect to bus: Host is down")
 
 Shares: on boot, each microvm.shares entry is emulated as a symlink mountPoint -> source on
 this machine (the guest *is* this machine), created only where nothing exists yet (or a
 symlink the fake made), and removed on stop.
+
+vsock cids are global to the host's kernel: a VM whose cid another running VM in the state
+directory (any user's: its `booted` runner's vsock-cid) already holds fails at start with
+QEMU's "unable to set guest cid: Address already in use".
 
 Deliberate differences from upstream, all stricter: an unknown `microvm` flag fails (upstream
 prints its help and exits 0); only absolute `path:` flakes are accepted; starting a VM whose
@@ -123,6 +129,8 @@ def main_wrapper(prog: str, main) -> None:
     """Run a fake's main(argv): log the call, turn Refused into stderr + exit status."""
     try:
         record_invocation(prog)
+        if prog == "systemctl" and os.environ.get("MARINER_FAKE_HOST_DOWN") == "1":
+            raise Refused("Failed to connect to bus: Host is down")
         status = main(sys.argv[1:])
     except Refused as exc:
         if str(exc):
@@ -392,7 +400,31 @@ def build(name: str, flakeref: str, store: Path) -> Path:
         run.chmod(0o755)
         write_json_atomic(runner / "share" / "microvm" / "guest.json",
                           {"name": name, "flakeref": flakeref, "vm": vm})
+        # upstream's runner.nix: `echo ${vsock.cid} > $out/share/microvm/vsock-cid`;
+        # nix-mariner sets microvm.vsock.cid from mariner.cid
+        cid = _content(_get(vm, "microvm.vsock.cid")) or _get(vm, "mariner.cid")
+        (runner / "share" / "microvm" / "vsock-cid").write_text(f"{cid}\n")
     return runner
+
+
+def vsock_cid(vm_directory: Path, link: str) -> int | None:
+    try:
+        return int((vm_directory / link / "share" / "microvm" / "vsock-cid").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def cid_holder(name: str, cid: int | None) -> str | None:
+    """Another VM in the state directory that runs with vsock cid `cid` (any user's)."""
+    if cid is None:
+        return None
+    for other in sorted(microvms_dir().iterdir()):
+        if other.name == name or other.name.startswith(".") or not other.is_dir():
+            continue
+        if vsock_cid(other, "booted") == cid and \
+                read_unit(other.name).get("state") in ("active", "activating"):
+            return other.name
+    return None
 
 
 def guest_config(runner: Path) -> dict:
@@ -531,8 +563,19 @@ def _authorized_keys_file(name: str, user: str, key: str) -> tuple[Path, str | N
 
 def boot(name: str) -> int:
     """The background half of `systemctl start`: the guest comes up, or dies trying."""
-    time.sleep(knob_seconds("MARINER_FAKE_BOOT_DELAY"))
     directory = vm_dir(name)
+    cid = vsock_cid(directory, "booted")
+    if cid_holder(name, cid) is not None:
+        # vsock cids are global to the kernel: QEMU cannot open its device and exits at once
+        with unit_lock(directory):
+            state = read_unit(name)
+            if state.get("state") != "active" or state.get("boot_pid") != os.getpid():
+                return 0
+            _fail_boot(name, f"qemu-system-x86_64: -device vhost-vsock-pci,id=vsock0,"
+                       f"guest-cid={cid}: vhost-vsock: unable to set guest cid: Address "
+                       f"already in use")
+        return 0
+    time.sleep(knob_seconds("MARINER_FAKE_BOOT_DELAY"))
     if not directory.is_dir():
         return 0
     with unit_lock(directory):

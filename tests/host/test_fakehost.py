@@ -256,3 +256,37 @@ def test_stale_guest_key_dirs_are_collected(fakehost, flake, tmp_path):
         stale.rmdir()
     fakehost.run("systemctl", "stop", "microvm@api")
     assert keydir is None or not os.path.exists(keydir)
+
+
+def test_runner_records_its_vsock_cid_and_a_taken_cid_fails_the_start(fakehost, flake,
+                                                                      tmp_path):
+    """As upstream's runner.nix: `share/microvm/vsock-cid`; vsock cids are global to the
+    kernel, so a second running VM with the same cid (any user's) cannot start."""
+    create(fakehost, f"path:{flake}")
+    cid_file = fakehost.vm_dir("api") / "current" / "share" / "microvm" / "vsock-cid"
+    assert cid_file.read_text() == "7\n"
+    # another VM in the state directory runs with cid 7
+    other = fakehost.vm_dir("other")
+    (other / "run" / "share" / "microvm").mkdir(parents=True)
+    (other / "run" / "share" / "microvm" / "vsock-cid").write_text("7\n")
+    (other / "booted").symlink_to(other / "run")
+    (other / ".fake-unit.json").write_text(json.dumps({"state": "active"}))
+    assert fakehost.run("systemctl", "start", "microvm@api").returncode == 0
+    wait_for(lambda: fakehost.unit_state("api") == "failed", what="the unit to fail")
+    assert "guest-cid=7: vhost-vsock: unable to set guest cid: Address already in use" \
+        in fakehost.journal("api")
+    # once it stops, the cid is free again
+    (other / ".fake-unit.json").write_text(json.dumps({"state": "inactive"}))
+    assert fakehost.run("systemctl", "start", "microvm@api").returncode == 0
+    wait_for(lambda: guest_sshd_running(fakehost), what="the guest to boot")
+
+
+def guest_sshd_running(fakehost) -> bool:
+    state = json.loads((fakehost.vm_dir("api") / ".fake-unit.json").read_text())
+    return bool(state.get("sshd_port"))
+
+
+def test_host_down_knob(fakehost, monkeypatch):
+    monkeypatch.setenv("MARINER_FAKE_HOST_DOWN", "1")
+    result = fakehost.run("systemctl", "show", "microvm@api")
+    assert result.returncode == 1 and result.stderr == "Failed to connect to bus: Host is down\n"
