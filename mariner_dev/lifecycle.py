@@ -152,7 +152,16 @@ def up(cfg: ProjectConfig, *, timeout: float = 180.0, restart: bool = True,
                           + list(settled.notes))
         if not host.exists:
             progress(f"building VM {cfg.name} (microvm -c)")
-            backend.create(cfg.name, flake_dir)
+            try:
+                backend.create(cfg.name, flake_dir)
+            except HostError:
+                # An interrupted `up` under sudo leaves its `microvm -c` running (sudo cannot
+                # pass on the SIGKILL); when that one finished first, the VM is ours already.
+                host = backend.status(cfg.name)
+                if not host.exists or foreign_owner(cfg.name, host, record) is not None:
+                    raise
+                progress(f"VM {cfg.name} was created meanwhile; rebuilding it (microvm -u)")
+                backend.update(cfg.name)
             record = _update_record(registry, cfg.name, created=True, built_hash=flake.hash,
                                     built_config=flake.metadata["config"], restart_pending=False,
                                     post_create_done=False, dotfiles_hash=None)
@@ -188,7 +197,9 @@ def up(cfg: ProjectConfig, *, timeout: float = 180.0, restart: bool = True,
         result.restart_pending = record.restart_pending
         target = remote.target_for(cfg, record)
         fresh_boot = result.started or result.created
-        if fresh_boot or not remote.tcp_reachable(target, timeout=1.0):
+        # An `up` interrupted before the first handshake left the VM running with no key
+        # pinned: the wait (which pins) is not skipped then.
+        if fresh_boot or not _pinned(target) or not remote.tcp_reachable(target, timeout=1.0):
             try:
                 _wait_for_guest(cfg, backend, target, timeout, progress, cid=record.cid)
             except CidTaken as taken:
@@ -272,6 +283,12 @@ def refuse_foreign(name: str, host: HostVmStatus, record: VmRecord | None, verb:
                                   f"a different [vm] name")
 
 
+def _pinned(target) -> bool:
+    from .remote.trust import pinned_keys
+
+    return bool(pinned_keys(target.known_hosts, target.alias))
+
+
 def _stop_agent(name: str) -> None:
     from . import remote
 
@@ -344,6 +361,7 @@ def _after_boot(cfg: ProjectConfig, registry: Registry, record: VmRecord, target
     if cfg.hooks.post_create and not record.post_create_done:
         progress("running the post_create hook")
         status = remote.run_hook(target, cfg.hooks.post_create, cwd=cfg.workspace_mount, env=env)
+        _interrupted_hook("post_create", status)
         if status != 0:
             result.hook_failed, result.hook_exit = "post_create", status
             raise HookFailed(result)
@@ -355,11 +373,23 @@ def _after_boot(cfg: ProjectConfig, registry: Registry, record: VmRecord, target
     if cfg.hooks.post_start and (fresh_boot or record.post_start_pending):
         progress("running the post_start hook")
         status = remote.run_hook(target, cfg.hooks.post_start, cwd=cfg.workspace_mount, env=env)
+        _interrupted_hook("post_start", status)
         if status != 0:
             result.hook_failed, result.hook_exit = "post_start", status
             raise HookFailed(result)
     if record.post_start_pending:
         _update_record(registry, cfg.name, post_start_pending=False)
+
+
+def _interrupted_hook(hook: str, status: int) -> None:
+    """A hook ended by the Ctrl-C or SIGTERM that mariner passed on to it (run_hook forwards
+    them to the guest) is an interrupted `up`, not a hook to fix: it runs again next time."""
+    import signal
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if status == 128 + signum:
+            raise MarinerError(f"the {hook} hook was interrupted ({signal.Signals(signum).name}); "
+                               f"`mariner up` runs it again", exit_code=status)
 
 
 def _owned_record(cfg: ProjectConfig, registry: Registry, verb: str = "report on",

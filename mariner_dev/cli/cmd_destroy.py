@@ -51,7 +51,10 @@ def destroy(
                              err=True):
             ctx.err.print("aborted: nothing was destroyed")
             raise typer.Exit(1)
-    with PhaseDisplay(ctx.err) as progress:
+    from .interrupt import interruptible
+
+    with interruptible("`mariner destroy` again finishes the removal"), \
+            PhaseDisplay(ctx.err) as progress:
         if cfg is not None:
             result = lifecycle.destroy(cfg, force=force, progress=progress)
         else:

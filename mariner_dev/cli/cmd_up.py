@@ -28,12 +28,14 @@ def up(
     from .. import lifecycle
     from .app import emit_error
     from .cmd_trust import ask_approval, at_terminal
+    from .interrupt import interruptible
     from .progress import PhaseDisplay
 
     ctx = context(project, json_output)
     try:
         cfg = ctx.load()
-        with PhaseDisplay(ctx.err, enabled=True) as progress:
+        with interruptible("`mariner up` again completes the VM"), \
+                PhaseDisplay(ctx.err, enabled=True) as progress:
             # Only a person at a terminal is asked; --json and scripts are refused (exit 2).
             confirm = (None if json_output or not at_terminal()
                        else lambda review: progress.paused(lambda: ask_approval(ctx, review)))

@@ -34,6 +34,9 @@ Knobs (environment variables, read when the command runs):
     MARINER_FAKE_BOOT_FAIL=1          the guest "crashes" while booting: the unit goes
                                       failed with QEMU's last words in the journal
     MARINER_FAKE_STOP_DELAY=<s>       `systemctl stop` stays deactivating this long
+    MARINER_FAKE_START_DELAY=<s>      `systemctl start` returns this much later (the unit is
+                                      started at once: a client killed meanwhile does not
+                                      undo the job, as with systemd)
     MARINER_FAKE_GUEST_USER=<user>    run the guest's sshd for this account instead of the
                                       flake's mariner.username (only when a test cannot
                                       render its test account into [vm] user)

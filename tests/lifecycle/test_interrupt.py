@@ -1,0 +1,232 @@
+"""SIGINT or SIGTERM to a real `mariner up` in each of its phases; the next `up` completes.
+
+Each test stops a real `mariner up` process (fake host, real sshd guest) while it is inside
+one phase (allocation, render, build, start, wait for SSH, pin, dotfiles, post_create,
+post_start), checks that it ended cleanly (130 or 143, one line, no traceback, nothing
+half-written), then runs a plain `up` that must bring the VM to running, with its hooks done.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from support.fakehost import port_open
+
+WRAPPER = """import subprocess, sys
+# Like sudo: the command runs on when this process is SIGKILLed (sudo cannot relay SIGKILL).
+sys.exit(subprocess.Popen(sys.argv[1:], start_new_session=True).wait())
+"""
+
+
+def _home() -> Path:
+    return Path(os.environ["MARINER_HOME"])
+
+
+def _registry() -> dict:
+    try:
+        return json.loads((_home() / "registry.json").read_text())["vms"]
+    except FileNotFoundError:
+        return {}
+
+
+class Up:
+    """A `mariner up` running in the background, its stderr in a file."""
+
+    def __init__(self, project, env: dict | None = None):
+        self.project = project
+        self.err_file = project.dir.parent / f"up-{uuid.uuid4().hex[:6]}.err"
+        with open(self.err_file, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "mariner_dev", "up"],
+                                         cwd=project.dir, env={**os.environ, **(env or {})},
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=err)
+
+    @property
+    def stderr(self) -> str:
+        return self.err_file.read_text()
+
+    def wait_until(self, predicate, what: str, timeout: float = 90.0, poll: float = 0.02):
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if self.proc.poll() is not None:
+                pytest.fail(f"`mariner up` ended (exit {self.proc.returncode}) before {what}:\n"
+                            f"{self.stderr}")
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                pytest.fail(f"timed out waiting for {what}:\n{self.stderr}")
+            time.sleep(poll)
+
+    def interrupt(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=60)
+        err = self.stderr
+        assert code == 128 + sig, (code, err)
+        assert "Traceback" not in err, err
+        word = "interrupted" if sig == signal.SIGINT else "terminated"
+        last = err.rstrip().splitlines()[-1]
+        assert last.startswith("mariner: ") and "`mariner up`" in last, err
+        assert word in last or "hook was interrupted" in last, err
+
+
+def _calls(project, prefix: list[str]) -> bool:
+    return any(c[:len(prefix)] == prefix for c in project.host_calls())
+
+
+def _completes(project) -> dict:
+    """The next `up` (no knobs) brings the VM to running, with nothing left half-done."""
+    result = project.up_json()
+    assert result["state"] == "running"
+    status = project.status_json()
+    assert status["state"] == "running" and not status["outdated"], status
+    record = _registry()[project.name]
+    assert record["post_create_done"] and not record["post_start_pending"], record
+    vm_dir = _home() / "vms" / project.name
+    assert sorted(p.name for p in vm_dir.iterdir() if p.name.startswith(".flake")) == []
+    assert [p.name for p in _home().iterdir() if p.name.endswith(".tmp")] == []
+    # and one more `up` has nothing left to do
+    again = project.up_json()
+    assert not (again["created"] or again["updated"] or again["started"])
+    return result
+
+
+def test_allocation(project):
+    """Waiting for the host-wide allocation lock (another user's mariner holds it)."""
+    microvms = os.environ["MARINER_MICROVMS_DIR"]
+    fd = os.open(microvms, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        up = Up(project)
+        up.wait_until(lambda: "checking the configuration" in up.stderr, "the config check")
+        time.sleep(0.5)
+        assert up.proc.poll() is None and project.name not in _registry()
+        up.interrupt(signal.SIGTERM)
+    finally:
+        os.close(fd)
+    assert project.changing_calls() == []
+    _completes(project)
+
+
+def test_render(project):
+    """Writing the flake (a module directory of 15 MiB makes the write take a while)."""
+    big = project.dir / "nix" / "big"
+    big.mkdir(parents=True)
+    (big / "default.nix").write_text("{ }\n")
+    chunk = os.urandom(15 * 1024)
+    for i in range(1000):
+        (big / f"data{i:04}.bin").write_bytes(chunk)
+    project.write(extra='[nix]\nmodules = ["nix/big"]\n')
+    staging = _home() / "vms" / project.name
+    up = Up(project)
+    up.wait_until(lambda: staging.is_dir() and any(p.name.startswith(".flake.new-")
+                                                   for p in staging.iterdir()),
+                  "the flake's staging directory", poll=0.002)
+    up.interrupt(signal.SIGINT)
+    assert not any(p.name.startswith(".flake.new-") for p in staging.iterdir())
+    assert project.changing_calls() == []
+    _completes(project)
+
+
+def test_build_under_sudo(project, tmp_path):
+    """`microvm -c` under sudo: mariner's SIGKILL does not reach the build, which finishes
+    while the next `up` builds too; that `up` takes the VM the first one created."""
+    wrapper = tmp_path / "fake-sudo.py"
+    wrapper.write_text(WRAPPER)
+    sudo = {"MARINER_SUDO": f"{sys.executable} {wrapper}"}
+    up = Up(project, {**sudo, "MARINER_FAKE_BUILD_DELAY": "8"})
+    up.wait_until(lambda: _calls(project, ["microvm", "-c"]), "the build")
+    up.interrupt(signal.SIGINT)
+    proc = project.mariner("up", env={**sudo, "MARINER_FAKE_BUILD_DELAY": "16"}, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert len([c for c in project.host_calls() if c[:2] == ["microvm", "-c"]]) == 2
+    assert "was created meanwhile" in proc.stderr
+    _completes(project)
+
+
+def test_start(project):
+    """`systemctl start` is waiting for the job (the unit starts anyway, as with systemd)."""
+    up = Up(project, {"MARINER_FAKE_START_DELAY": "10"})
+    up.wait_until(lambda: _calls(project, ["systemctl", "start"]), "the start")
+    time.sleep(0.3)
+    up.interrupt(signal.SIGTERM)
+    _completes(project)
+
+
+def test_wait_for_ssh(project):
+    up = Up(project, {"MARINER_FAKE_BOOT_DELAY": "5"})
+    up.wait_until(lambda: "waiting for SSH" in up.stderr, "the wait for SSH")
+    time.sleep(0.3)
+    up.interrupt(signal.SIGINT)
+    _completes(project)
+
+
+def test_pin(project):
+    """The guest's sshd just answered: the handshake that pins its key is under way (or
+    about to be): stopped there, the VM runs with no key pinned."""
+    up = Up(project, {"MARINER_FAKE_BOOT_DELAY": "1"})
+    up.wait_until(lambda: "waiting for SSH" in up.stderr, "the wait for SSH")
+    port = _registry()[project.name]["ssh_port"]
+    up.wait_until(lambda: port_open(port), "the guest's sshd", poll=0.005)
+    up.interrupt(signal.SIGTERM)
+    _completes(project)
+
+
+def test_a_running_vm_with_no_pinned_key_is_pinned_by_the_next_up(project):
+    """What an `up` stopped before the first handshake leaves, made deterministic."""
+    project.up_json()
+    known = _home() / "known_hosts"
+    known.write_text("".join(line for line in known.read_text().splitlines(True)
+                             if f"mariner-{project.name}" not in line))
+    _completes(project)
+    assert f"mariner-{project.name} " in known.read_text()
+
+
+def test_dotfiles(project):
+    import pwd
+    import shutil
+
+    name = f".mariner-interrupt-{uuid.uuid4().hex[:8]}"
+    source = Path(os.environ["HOME"]) / name
+    source.mkdir()
+    for i in range(400):
+        (source / f"f{i:03}").write_text(f"{i}\n")
+    user_config = Path(os.environ["XDG_CONFIG_HOME"]) / "mariner" / "config.toml"
+    user_config.parent.mkdir(parents=True, exist_ok=True)
+    user_config.write_text(f'[dotfiles]\nfiles = ["~/{name}"]\n')
+    guest_copy = Path(pwd.getpwnam("mariner-guest").pw_dir) / name
+    try:
+        up = Up(project)
+        up.wait_until(lambda: "syncing dotfiles" in up.stderr, "the dotfiles sync")
+        time.sleep(0.2)
+        up.interrupt(signal.SIGINT)
+        _completes(project)
+        assert sorted(p.name for p in guest_copy.iterdir()) == sorted(
+            p.name for p in source.iterdir())
+    finally:
+        shutil.rmtree(guest_copy, ignore_errors=True)
+
+
+@pytest.mark.parametrize("hook,sig", [("post_create", signal.SIGTERM),
+                                      ("post_start", signal.SIGINT)])
+def test_hooks(project, hook, sig):
+    marker = project.dir / "hook.log"
+    slow = project.dir / "slow"
+    slow.write_text("")
+    project.write(extra=f'[hooks]\n{hook} = "echo run >> {marker}; '
+                        f'if [ -e {slow} ]; then sleep 30; fi; echo done >> {marker}"\n')
+    up = Up(project)
+    up.wait_until(lambda: marker.exists() and "run" in marker.read_text(), f"the {hook} hook")
+    up.interrupt(sig)
+    slow.unlink()
+    _completes(project)
+    lines = marker.read_text().split()
+    assert lines.count("run") == 2 and lines[-1] == "done", lines
