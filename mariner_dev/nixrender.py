@@ -22,6 +22,12 @@ from .config import USER_MODE_IFACE
 from .errors import MarinerError
 
 WORKSPACE_TAG = "workspace"
+# Volume images and QEMU's sockets only for the microvm user and the kvm group; images made
+# before this (0644) lose other users' access at the next start.
+VOLUME_PRIVACY = ("umask 0007\n"
+                  "for image in ./*.img; do\n"
+                  "  if [ -f \"$image\" ]; then chmod o-rwx -- \"$image\" || true; fi\n"
+                  "done\n")
 METADATA_FILE = "mariner.json"
 # Written by Nix (`microvm -c`) into the flake directory: it pins nix-mariner's revision and
 # hash. Not rendered, not part of the drift hash, and kept by every render: dropping it would
@@ -116,6 +122,11 @@ def _vm_module(cfg: m.ProjectConfig, cid: int, ssh_port: int | None, public_key:
             (f"users.users.{user}.group", f"lib.mkForce {nix_string(vm.user)}"),
         ]
     settings += [
+        # `microvm -c` makes the state dir readable by everyone (chmod -R a+rX) and the runner
+        # creates volume images with the unit's umask (0644): any local user could read the
+        # VM's disks (its host key, its home, the synced dotfiles). The runner's preStart
+        # runs as the microvm user just before the images are created and QEMU starts.
+        ("microvm.preStart", f"lib.mkBefore {nix_string(VOLUME_PRIVACY)}"),
         ("microvm.vcpu", str(vm.cpus)),
         ("microvm.mem", str(vm.memory_mib)),
         ("microvm.hypervisor", nix_string(vm.hypervisor)),

@@ -288,8 +288,8 @@ def _get(data: dict, dotted: str, default=None):
 
 
 def _content(value):
-    """The value of a definition, through mkForce/mkDefault override records."""
-    if isinstance(value, dict) and value.get("_type") == "override":
+    """The value of a definition, through mkForce/mkDefault/mkBefore records."""
+    if isinstance(value, dict) and value.get("_type") in ("override", "order"):
         return value.get("content")
     return value
 

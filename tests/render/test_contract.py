@@ -154,8 +154,9 @@ class Checker:
 
 
 def _unwrap(value):
-    """The content of a lib.mkForce / mkDefault record (the stub lib keeps their shape)."""
-    while isinstance(value, dict) and value.get("_type") == "override":
+    """The content of a lib.mkForce / mkDefault / mkBefore record (the stub lib keeps their
+    shape)."""
+    while isinstance(value, dict) and value.get("_type") in ("override", "order"):
         value = value["content"]
     return value
 

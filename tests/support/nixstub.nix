@@ -4,6 +4,7 @@
 {
   mkForce = content: { _type = "override"; priority = 50; inherit content; };
   mkDefault = content: { _type = "override"; priority = 1000; inherit content; };
+  mkBefore = content: { _type = "order"; priority = 500; inherit content; };
   # Real lib looks the attribute up in pkgs; the stub returns the dotted path it would look up.
   getAttrFromPath = attrPath: set: builtins.concatStringsSep "." attrPath;
 }

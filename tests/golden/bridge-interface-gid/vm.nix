@@ -9,6 +9,7 @@
   users.users.dev.uid = lib.mkForce 1234;
   users.groups.dev.gid = 2345;
   users.users.dev.group = lib.mkForce "dev";
+  microvm.preStart = lib.mkBefore "umask 0007\nfor image in ./*.img; do\n  if [ -f \"$image\" ]; then chmod o-rwx -- \"$image\" || true; fi\ndone\n";
   microvm.vcpu = 6;
   microvm.mem = 3072;
   microvm.hypervisor = "crosvm";

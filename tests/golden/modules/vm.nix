@@ -7,6 +7,7 @@
   mariner.username = "vm";
   mariner.ssh.authorizedKey = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHN0dWIga2V5IGZvciBtYXJpbmVyIHRlc3Rz mariner-test@stub";
   users.users.vm.uid = lib.mkForce 1000;
+  microvm.preStart = lib.mkBefore "umask 0007\nfor image in ./*.img; do\n  if [ -f \"$image\" ]; then chmod o-rwx -- \"$image\" || true; fi\ndone\n";
   microvm.vcpu = 2;
   microvm.mem = 4096;
   microvm.hypervisor = "qemu";
