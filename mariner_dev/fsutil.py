@@ -48,8 +48,12 @@ def file_lock(path: Path, *, wait: bool = True, timeout: float | None = None,
               what: str = "lock", on_wait=None) -> Iterator[None]:
     """Hold an exclusive flock on `path`. With wait=False, raise LockBusy at once if held."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StateError(f"cannot use {path} to lock {what}: "
+                         f"{exc.strerror or exc}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -183,3 +183,14 @@ def test_a_claim_whose_project_and_vm_are_gone_is_released(tmp_path):
     (Path(os.environ["MARINER_MICROVMS_DIR"]) / "api").mkdir()
     with pytest.raises(OwnershipError):
         reserve(cfg_of(make(tmp_path, "three/api")))
+
+
+def test_an_unusable_lock_path_is_one_clear_line(tmp_path, run_cli):
+    project = make(tmp_path, "a")
+    home = Path(os.environ["MARINER_HOME"])
+    home.mkdir(parents=True)
+    (home / "locks").write_text("not a directory")
+    code, out, err = run_cli("down", cwd=project)
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines() == [
+        f"mariner: error: cannot use {home / 'locks' / 'a.lock'} to lock VM 'a': File exists"]
