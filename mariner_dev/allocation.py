@@ -165,10 +165,7 @@ def reserve(cfg: ProjectConfig, registry: Registry | None = None,
     with host_lock(), registry.transaction() as vms:
         claimed = vms.get(cfg.name)
         record = check_ownership(cfg, claimed)
-        if claimed is not None and record is None:   # a stale claim: released
-            from .state import forget_vm_files
-
-            forget_vm_files(cfg.name)
+        released = claimed is not None and record is None   # a stale claim
         others = {name: rec for name, rec in vms.items() if name != cfg.name}
         used_cids = {rec.cid: name for name, rec in others.items()}
         used_ports = {rec.ssh_port: name for name, rec in others.items() if rec.ssh_port}
@@ -193,7 +190,11 @@ def reserve(cfg: ProjectConfig, registry: Registry | None = None,
             record.network_mode = cfg.network.mode
             record.config_file = str(cfg.config_file)
         vms[cfg.name] = record
-        return record
+    if released:  # its agent, pinned key and files go too (outside the host-wide lock)
+        from .state import forget_vm_files
+
+        forget_vm_files(cfg.name)
+    return record
 
 
 def _choose_cid(cfg: ProjectConfig, record: VmRecord | None, used: dict[int, str]) -> int:
