@@ -290,3 +290,11 @@ def test_host_down_knob(fakehost, monkeypatch):
     monkeypatch.setenv("MARINER_FAKE_HOST_DOWN", "1")
     result = fakehost.run("systemctl", "show", "microvm@api")
     assert result.returncode == 1 and result.stderr == "Failed to connect to bus: Host is down\n"
+
+
+def test_update_without_a_flake_file_fails(fakehost, flake):
+    create(fakehost, f"path:{flake}")
+    (fakehost.vm_dir("api") / "flake").unlink()
+    result = fakehost.run("microvm", "-u", "api")
+    assert result.returncode == 1 and "cat: flake: No such file or directory" in result.stderr
+    assert "Traceback" not in result.stderr
