@@ -139,21 +139,31 @@ def check_ownership(cfg: ProjectConfig, record: VmRecord | None, *, verb: str = 
     """Refuse a VM name that belongs to another project or (unless `foreign_ok`, for
     read-only commands) a VM that mariner did not create: mariner never touches them.
     Returns the record that stands: None for a stale claim (see `stale_claim`)."""
+    return check_claim(cfg.name, record, project_dir=cfg.project_dir,
+                       config_file=cfg.config_file, verb=verb, foreign_ok=foreign_ok)
+
+
+def check_claim(name: str, record: VmRecord | None, *, project_dir: Path | None,
+                config_file: Path | None = None, verb: str = "update",
+                foreign_ok: bool = False) -> VmRecord | None:
+    """check_ownership for a VM known by name; with no `project_dir` (`destroy --name`) any
+    record of this user's registry stands."""
+    where = f" in {config_file}" if config_file else ""
     if record is not None:
-        if Path(record.project) != cfg.project_dir:
+        if project_dir is not None and Path(record.project) != project_dir:
             if stale_claim(record):
                 return None
             raise OwnershipError(
-                f"VM {cfg.name!r} belongs to the project {record.project}; set a different "
-                f"[vm] name in {cfg.config_file} (mariner does not {verb} another project's VM)",
-                exit_code=2, hint=f"if that project is gone, `mariner destroy --name {cfg.name}` "
+                f"VM {name!r} belongs to the project {record.project}; set a different "
+                f"[vm] name{where} (mariner does not {verb} another project's VM)",
+                exit_code=2, hint=f"if that project is gone, `mariner destroy --name {name}` "
                                   f"frees the name")
         return record
-    if not foreign_ok and (paths.microvms_dir() / cfg.name).exists():
+    if not foreign_ok and (paths.microvms_dir() / name).exists():
         raise OwnershipError(
-            f"a VM named {cfg.name!r} exists in {paths.microvms_dir()} and mariner did not "
-            f"create it, so it does not {verb} it; set a different [vm] name in "
-            f"{cfg.config_file}", exit_code=2)
+            f"a VM named {name!r} exists in {paths.microvms_dir()} and mariner did not "
+            f"create it, so it does not {verb} it; set a different [vm] name{where}",
+            exit_code=2)
     return None
 
 

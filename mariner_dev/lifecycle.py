@@ -6,7 +6,6 @@ backend; every guest interaction through `remote`.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -450,30 +449,14 @@ def destroy_vm(name: str, *, project_dir: Path | None = None, config_file: Path 
     A VM on the host that another user's flake built is left alone: only this user's stale
     record goes. With `force`, a host that cannot be reached does not keep mariner's own
     records: they go, and the notes say what is left on the host."""
-    from .allocation import stale_claim
+    from .allocation import check_claim
 
     backend = backend or default_backend()
     registry = Registry()
     with VmLock(name, wait=False, progress=progress):
-        record = registry.get(name)
-        if record is not None and project_dir is not None and stale_claim(record) \
-                and Path(record.project) != project_dir:
-            record = None   # another project's claim, but nothing is left of it
-        if record is not None and project_dir is not None:
-            if Path(record.project) != project_dir:
-                where = f" in {config_file}" if config_file else ""
-                raise OwnershipError(
-                    f"VM {name!r} belongs to the project {record.project}; set a different "
-                    f"[vm] name{where} (mariner does not destroy another project's VM)",
-                    exit_code=2, hint=f"`mariner destroy --name {name}` destroys it from "
-                                      f"anywhere")
+        record = check_claim(name, registry.get(name), project_dir=project_dir,
+                             config_file=config_file, verb="destroy")
         if record is None:
-            if os.path.lexists(paths.microvms_dir() / name):
-                where = f" in {config_file}" if config_file else ""
-                raise OwnershipError(
-                    f"a VM named {name!r} exists in {paths.microvms_dir()} and mariner did "
-                    f"not create it, so it does not destroy it; set a different [vm] "
-                    f"name{where}", exit_code=2)
             return DestroyResult(name=name, removed=False)
         result = DestroyResult(name=name, removed=True)
         try:
