@@ -67,17 +67,28 @@ def run_hook(target: "GuestTarget", command: str, cwd: str, env: dict,
     """Run a shell command in the guest's login environment; stream its output; its status.
 
     Hook output goes to our stderr by default: stdout carries `up --json`'s one object."""
+    import signal
     import sys
 
     from .command import ExecRequest, build_command
     from .session import run_direct
+
+    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
     sys.stdout.flush()
     sys.stderr.flush()
     request = ExecRequest(build_command(None, workdir=cwd, env=dict(env), shell_command=command),
                           tty=False, stdin=False)
     out_fd = sys.stderr.fileno() if output_to_stderr else sys.stdout.fileno()
-    outcome = run_direct(target, request, fds=(None, out_fd, sys.stderr.fileno()))
+    # run_direct forwards these signals to the hook through asyncio, which leaves them at
+    # their defaults afterwards: the caller's handlers (up's SIGTERM) are put back.
+    saved = {signum: signal.getsignal(signum) for signum in forwarded}
+    try:
+        outcome = run_direct(target, request, fds=(None, out_fd, sys.stderr.fileno()))
+    finally:
+        for signum, handler in saved.items():
+            if handler is not None:
+                signal.signal(signum, handler)
     if outcome.message:
         from ..termsafe import printable
 

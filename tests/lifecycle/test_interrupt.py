@@ -230,3 +230,26 @@ def test_hooks(project, hook, sig):
     _completes(project)
     lines = marker.read_text().split()
     assert lines.count("run") == 2 and lines[-1] == "done", lines
+
+
+def test_a_hook_leaves_the_callers_signal_handlers_in_place(project):
+    """run_hook forwards SIGINT/SIGTERM to the hook through asyncio, which resets them to their
+    defaults afterwards: a SIGTERM after the first hook would kill `up` with no cleanup."""
+    from mariner_dev import remote
+    from mariner_dev.config import load_project
+    from mariner_dev.state import Registry
+
+    project.up_json()
+    cfg = load_project(project_dir=project.dir)
+    target = remote.target_for(cfg, Registry().get(project.name))
+
+    def mine(signum, frame):
+        raise AssertionError("not expected to run")
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        assert remote.run_hook(target, "exit 3", cwd="/", env={}) == 3
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
