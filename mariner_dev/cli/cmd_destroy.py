@@ -4,7 +4,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import ProjectOpt, app, context
+from .app import ProjectOpt, app, complete_vm_names, context
 
 
 @app.command("destroy")
@@ -14,7 +14,7 @@ def destroy(
                     "remove mariner's own records even when the host cannot be reached.")] = False,
     name: Annotated[Optional[str], typer.Option("--name", help="Destroy this VM of yours by "
                     "name, from anywhere (its project may be moved or gone).",
-                    show_default=False)] = None,
+                    show_default=False, autocompletion=complete_vm_names)] = None,
 ) -> None:
     """Remove this project's VM, its volumes, its ssh-config entry and pinned host key.
 
@@ -22,11 +22,13 @@ def destroy(
     Examples:
       mariner destroy
       mariner destroy --force
+      mariner destroy --name api --force    # the project was moved or deleted
     """
     import sys
 
     from .. import lifecycle
     from ..errors import HostError, UsageError
+    from .interrupt import interruptible
     from .progress import PhaseDisplay
 
     ctx = context(project)
@@ -51,8 +53,6 @@ def destroy(
                              err=True):
             ctx.err.print("aborted: nothing was destroyed")
             raise typer.Exit(1)
-    from .interrupt import interruptible
-
     with interruptible("`mariner destroy` again finishes the removal"), \
             PhaseDisplay(ctx.err) as progress:
         if cfg is not None:
