@@ -429,7 +429,7 @@ class DestroyResult:
     name: str
     removed: bool                 # mariner had a record of the VM and removed it
     host_removed: bool = False    # the VM was removed from the host
-    host_failed: bool = False     # the host could not be reached or failed (with force)
+    host_error: HostError | None = None   # why the host part failed (with force)
     notes: list[str] = field(default_factory=list)   # what was left, and why
 
 
@@ -473,14 +473,15 @@ def destroy_vm(name: str, *, project_dir: Path | None = None, config_file: Path 
                 backend.destroy(name)
                 result.host_removed = True
         except HostError as exc:
+            keep = ("mariner's records of the VM are kept; `mariner destroy --force` removes "
+                    "them even when the host cannot be reached")
             if not force:
-                exc.hint = exc.hint or ("mariner's records of the VM are kept; `mariner destroy "
-                                        "--force` removes them even when the host cannot be "
-                                        "reached")
+                exc.hint = f"{exc.hint}; {keep}" if exc.hint else keep
                 raise
-            result.host_failed = True
-            result.notes.append(f"could not remove VM {name} on the host ({exc}); remove what "
-                                f"is left there by hand: {backend_leftovers(name)}")
+            result.host_error = exc
+            result.notes.append(f"mariner's own records of VM {name} were removed, but not the "
+                                f"VM on the host; once the host works, remove what is left "
+                                f"there: {backend_leftovers(name)}")
         result.notes.extend(forget_vm_files(name))
         with registry.transaction() as vms:
             vms.pop(name, None)

@@ -65,8 +65,8 @@ def destroy(
         ctx.err.print(f"VM {vm_name} does not exist.")
     elif result.host_removed:
         ctx.err.print(f"VM {vm_name} destroyed.")
+    elif result.host_error is not None:
+        raise result.host_error   # last: what went wrong on the host, and its next step
     else:
         ctx.err.print(f"mariner's records of VM {vm_name} removed; the VM on the host was not "
                       f"(see above).")
-        if result.host_failed:
-            raise typer.Exit(1)
