@@ -205,7 +205,7 @@ def up(cfg: ProjectConfig, *, timeout: float = 180.0, restart: bool = True,
                 # vsock cids are global to the kernel: another user's VM (or one mariner did
                 # not create) started with ours since it was allocated. Move, once.
                 record = _move_cid(cfg, registry, backend, record, taken.holder, result,
-                                   progress)
+                                   progress, inputs)
                 _update_record(registry, cfg.name, post_start_pending=True)
                 backend.start(cfg.name)
                 target = remote.target_for(cfg, record)
@@ -233,7 +233,7 @@ class CidTaken(MarinerError):
 
 
 def _move_cid(cfg: ProjectConfig, registry: Registry, backend: HostBackend, record: VmRecord,
-              holder: str, result: UpResult, progress: Progress) -> VmRecord:
+              holder: str, result: UpResult, progress: Progress, inputs) -> VmRecord:
     """Give the VM another cid than the one `holder` runs with, rebuild it, and say so."""
     from .allocation import reserve
     from .nixrender import write_flake
@@ -244,7 +244,7 @@ def _move_cid(cfg: ProjectConfig, registry: Registry, backend: HostBackend, reco
     if backend.status(cfg.name).unit != "inactive":
         backend.stop(cfg.name)   # a failed start may be looping in systemd's auto-restart
     record = reserve(cfg, registry, taken={old: holder})
-    flake = render_for(cfg, record)
+    flake = render_for(cfg, record, inputs)   # the approved bytes, not a second read
     write_flake(flake, paths.default_flake_dir(cfg.name))
     progress(f"rebuilding VM {cfg.name} with cid {record.cid} (microvm -u)")
     backend.update(cfg.name)
