@@ -47,3 +47,38 @@ def test_a_storage_change_is_no_rebuild_and_says_how_to_get_it(project):
     assert "mariner.storage.persistSizeMiB = 8192;" in vm_nix
     built = json.loads((flake_dir(project) / "mariner.json").read_text())["config"]
     assert built["storage"]["persist_mib"] == 8192
+
+
+def test_a_vm_built_with_the_old_default_memory_keeps_it(project):
+    """A VM that an older mariner built with its 2048 MiB default is not rebuilt and restarted
+    by an upgrade; setting [vm] memory applies."""
+    import dataclasses
+
+    from mariner_dev.config import load_project
+    from mariner_dev.keys import public_key_for
+    from mariner_dev.nixrender import render_flake
+    from mariner_dev.state import Registry
+
+    project.up_json()
+    cfg = load_project(project_dir=project.dir)
+    assert cfg.vm.memory_mib == 4096 and "vm.memory" in cfg.defaulted
+    with Registry().transaction() as vms:  # what the older mariner recorded
+        record = vms[project.name]
+        old = render_flake(dataclasses.replace(cfg, vm=dataclasses.replace(cfg.vm, memory_mib=2048)),
+                           cid=record.cid, ssh_port=record.ssh_port,
+                           public_key=public_key_for(cfg))
+        built = dict(old.metadata["config"])
+        del built["defaulted"]
+        record.built_hash, record.built_config = old.hash, built
+    status = project.status_json()
+    assert status["outdated"] is False
+    assert any("keeps the 2048 MiB of memory it was built with" in n for n in status["notes"])
+    project.clear_log()
+    project.up_json()
+    assert project.changing_calls() == []
+    assert "microvm.mem = 2048;" in (flake_dir(project) / "vm.nix").read_text()
+    project.write(memory="4GiB")
+    status = project.status_json()
+    assert status["outdated"] is True and "vm.memory_mib" in status["changed_keys"]
+    assert project.up_json()["updated"]
+    assert "microvm.mem = 4096;" in (flake_dir(project) / "vm.nix").read_text()

@@ -222,3 +222,28 @@ def test_virtiofsd_command_reader():
            '  --readonly\\\\n\\"}\\n"} "$@"')
     assert virtiofsd_commands(run) == {"a": ["/bin/virtiofsd", "--shared-dir=/p", "--readonly"]}
     assert virtiofsd_commands(None) == {}
+
+
+# -- the real-VM tier's guest comes from this evaluation --------------------------------------
+
+def test_the_real_vm_guest_is_configured_from_the_evaluation(evaluated_upstream, monkeypatch):
+    import sys
+
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "e2e"))
+    sys.modules.pop("realhost", None)
+    import realhost
+
+    r, e = evaluated_upstream["user-shares"]
+    spec = realhost.guest_spec(r.cfg.name, e)
+    assert (spec.hostname, spec.user, spec.uid, spec.group, spec.gid) == (
+        "9lives", "vm", 1000, "users", 100)
+    assert spec.authorized_key == STUB_KEY and spec.ssh_port == 2299
+    assert (spec.cpus, spec.memory_mib, spec.mac) == (1, 512, "02:00:00:00:00:c8")
+    # nix-mariner's 9p /nix/store share is left out by name; the virtiofs shares are all there
+    assert [(s.tag, s.mount_point, s.read_only) for s in spec.shares] == [
+        ("workspace", "/workspaces/9lives", False), ("data", "/data", True),
+        ("app-cache", "/var/cache/app", False)]
+    assert "ro-store" in realhost.SKIPPED_SHARES
+    other = dict(e, shares=e["shares"] + [dict(e["shares"][0], tag="other9p")])
+    with pytest.raises(realhost.Refused, match="'other9p' uses proto '9p'"):
+        realhost.guest_spec(r.cfg.name, other)
