@@ -467,13 +467,14 @@ def check_bridge_firewall() -> Check:
     name = "bridge-firewall"
     if not bridge_exists():
         return Check(name, OK, f"no {BRIDGE} bridge, so no VM sits on it yet. When you set it "
-                     f"up: nix-mariner's documented host setup trusts {BRIDGE} in the firewall, "
-                     f"which lets every VM reach every service on this host", FIREWALL_FIX, False)
+                     f"up, keep the firewall on and do not trust {BRIDGE} (older nix-mariner "
+                     f"docs did, which lets every VM reach every service on this host; the "
+                     f"pinned host module opens only DNS, with exposeDNS)", FIREWALL_FIX, False)
     rules, source = _firewall_rules()
     if rules is None:
-        return Check(name, WARN, f"cannot read the firewall rules ({source}). nix-mariner's "
-                     f"documented host setup trusts {BRIDGE}: if yours does, every VM reaches "
-                     f"every service on this host", FIREWALL_FIX, False)
+        return Check(name, WARN, f"cannot read the firewall rules ({source}). Older "
+                     f"nix-mariner docs trusted {BRIDGE}: if your host does, or has no firewall, "
+                     f"every VM reaches every service on this host", FIREWALL_FIX, False)
     accepts = blanket_bridge_accepts(rules)
     if accepts:
         return Check(name, WARN, f"the firewall accepts everything from {BRIDGE} "

@@ -258,13 +258,13 @@ def test_bridge_firewall_unreadable_is_advice(fake_bridge, tools, monkeypatch):
     tool(tools, "iptables", "echo 'Permission denied (you must be root)' >&2; exit 4")
     check = doctor.check_bridge_firewall()
     assert check.status == "warn" and "cannot read the firewall rules" in check.detail
-    assert "Operation not permitted" in check.detail and "trusts br-microvm" in check.detail
+    assert "Operation not permitted" in check.detail and "trusted br-microvm" in check.detail
 
 
 def test_no_bridge_no_firewall_warning(tmp_path, monkeypatch):
     monkeypatch.setattr(doctor, "SYS_CLASS_NET", tmp_path)
     check = doctor.check_bridge_firewall()
-    assert check.status == "ok" and "trusts br-microvm" in check.detail and check.fix
+    assert check.status == "ok" and "do not trust br-microvm" in check.detail and check.fix
 
 
 def test_proc_net_tcp_parsing(tmp_path):
