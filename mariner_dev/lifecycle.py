@@ -567,11 +567,9 @@ def _changed_keys(old: dict | None, new: dict) -> list[str]:
 
 def status(cfg: ProjectConfig, *, backend: HostBackend | None = None) -> VmStatus:
     """The project's VM as the host and mariner see it, without changing anything."""
-    from . import remote
+    from . import remote, tripwire
     from .drift import settle
     from .project import render_for
-
-    from . import tripwire
 
     backend = backend or default_backend()
     record = _owned_record(cfg, Registry())
@@ -588,7 +586,7 @@ def status(cfg: ProjectConfig, *, backend: HostBackend | None = None) -> VmStatu
     if record is None:
         state = "absent" if not host.exists else _state_of(host, None)
         return VmStatus(name=cfg.name, state=state, project=str(cfg.project_dir),
-                        managed=False, tripwire=file_changes)
+                        managed=False, tripwire=file_changes, notes=_approval_notes(cfg))
     state = _state_of(host, record)
     result = VmStatus(name=cfg.name, state=state, project=record.project, managed=True,
                       cid=record.cid, ssh_port=record.ssh_port,
@@ -607,7 +605,22 @@ def status(cfg: ProjectConfig, *, backend: HostBackend | None = None) -> VmStatu
     result.forwards, result.notes = _held_forwards(cfg, record, result.agent)
     if settled is not None:
         result.notes[:0] = settled.notes + (settled.warnings if result.outdated else [])
+    result.notes += _approval_notes(cfg)
     return result
+
+
+def _approval_notes(cfg: ProjectConfig) -> list[str]:
+    """A note when the host settings differ from the approval (`up` would refuse them)."""
+    from .approval import review
+    from .nixrender import read_host_inputs
+
+    try:
+        result = review(cfg, read_host_inputs(cfg))
+    except OSError:
+        return []
+    if result.approved:
+        return []
+    return [f"{result.summary()}: `mariner up` refuses it until `mariner trust` approves it"]
 
 
 def _held_forwards(cfg: ProjectConfig, record: VmRecord, agent: bool) -> tuple[list[dict], list[str]]:

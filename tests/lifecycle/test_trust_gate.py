@@ -83,8 +83,11 @@ def test_a_changed_forward_list_is_refused_until_trusted(project):
     proc = project.mariner("up", check=2)
     assert "ports.forward" in proc.stderr
     assert project.host_calls() == []
+    notes = project.status_json()["notes"]
+    assert any("ports.forward" in n and "mariner trust" in n for n in notes), notes
     project.mariner("trust", "--yes", check=0)
     project.up_json()
+    assert not any("mariner trust" in n for n in project.status_json()["notes"])
 
 
 def test_revoke_makes_up_ask_again(project):
