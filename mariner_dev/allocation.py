@@ -89,12 +89,19 @@ def read_vsock_cid(vm_dir: Path, link: str = "current") -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def foreign_vms() -> dict[str, tuple[int | None, int | None]]:
+def vms_dir(cfg: ProjectConfig) -> Path:
+    """The directory where the project's host backend keeps one directory per VM."""
+    from .host.choice import make
+
+    return make(cfg.backend).vms_dir
+
+
+def foreign_vms(directory: Path | None = None) -> dict[str, tuple[int | None, int | None]]:
     """VMs in the microvm state directory, with their (cid, SSH port): the cid from the
     runner's vsock-cid file, else (and the port) from the mariner flake they were built from,
     when it is one of mariner's and readable (another user's MARINER_HOME usually is not)."""
     out: dict[str, tuple[int | None, int | None]] = {}
-    directory = paths.microvms_dir()
+    directory = directory or paths.microvms_dir()
     try:
         entries = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
     except OSError:
@@ -140,12 +147,13 @@ def check_ownership(cfg: ProjectConfig, record: VmRecord | None, *, verb: str = 
     read-only commands) a VM that mariner did not create: mariner never touches them.
     Returns the record that stands: None for a stale claim (see `stale_claim`)."""
     return check_claim(cfg.name, record, project_dir=cfg.project_dir,
-                       config_file=cfg.config_file, verb=verb, foreign_ok=foreign_ok)
+                       config_file=cfg.config_file, verb=verb, foreign_ok=foreign_ok,
+                       host_dir=vms_dir(cfg))
 
 
 def check_claim(name: str, record: VmRecord | None, *, project_dir: Path | None,
                 config_file: Path | None = None, verb: str = "update",
-                foreign_ok: bool = False) -> VmRecord | None:
+                foreign_ok: bool = False, host_dir: Path | None = None) -> VmRecord | None:
     """check_ownership for a VM known by name; with no `project_dir` (`destroy --name`) any
     record of this user's registry stands."""
     where = f" in {config_file}" if config_file else ""
@@ -159,9 +167,10 @@ def check_claim(name: str, record: VmRecord | None, *, project_dir: Path | None,
                 exit_code=2, hint=f"if that project is gone, `mariner destroy --name {name}` "
                                   f"frees the name")
         return record
-    if not foreign_ok and (paths.microvms_dir() / name).exists():
+    host_dir = host_dir or paths.microvms_dir()   # the backend's directory of VMs
+    if not foreign_ok and (host_dir / name).exists():
         raise OwnershipError(
-            f"a VM named {name!r} exists in {paths.microvms_dir()} and mariner did not "
+            f"a VM named {name!r} exists in {host_dir} and mariner did not "
             f"create it, so it does not {verb} it; set a different [vm] name{where}",
             exit_code=2)
     return None
@@ -179,7 +188,7 @@ def reserve(cfg: ProjectConfig, registry: Registry | None = None,
         others = {name: rec for name, rec in vms.items() if name != cfg.name}
         used_cids = {rec.cid: name for name, rec in others.items()}
         used_ports = {rec.ssh_port: name for name, rec in others.items() if rec.ssh_port}
-        for name, (cid, port) in foreign_vms().items():
+        for name, (cid, port) in foreign_vms(vms_dir(cfg)).items():
             if name == cfg.name:
                 continue
             if cid is not None:

@@ -28,7 +28,9 @@ MARINER_REV = "a34eea014f697d640cf1fc51df94db8ae164028d"
 DEFAULT_MARINER_FLAKE = f"github:mksafavi/nix-mariner/{MARINER_REV}"
 
 # Keys a per-user config may set: personal settings that do not belong in a committed file.
-USER_KEYS = {"dotfiles": None, "ssh": None, "vm": {"uid", "gid"}}
+USER_KEYS = {"dotfiles": None, "ssh": None, "host": None, "vm": {"uid", "gid"}}
+# Tables only the per-user config may hold: which backend runs VMs belongs to the machine.
+USER_ONLY = ("host",)
 
 DEFAULT_CPUS = 2
 DEFAULT_MEMORY_MIB = 4096   # nix-mariner's own default (modules/vm.nix)
@@ -225,7 +227,7 @@ def _check_user_keys(source: _Source, problems: _Problems) -> None:
     for table, value in source.data.items():
         if table not in USER_KEYS:
             problems.add(source, (table,), f"`{table}` belongs in the project's {CONFIG_NAME}; "
-                         f"the per-user config may hold only [dotfiles], [ssh] and [vm] uid/gid",
+                         f"the per-user config may hold only [dotfiles], [ssh], [host] and [vm] uid/gid",
                          True)
             continue
         allowed = USER_KEYS[table]
@@ -382,7 +384,8 @@ class _Resolver:
     # -- sections ---------------------------------------------------------------------------
     def resolve(self) -> m.ProjectConfig:
         vm = self.vm()
-        network = self.network(vm)
+        backend = self.backend()
+        network = self.network(vm, backend)
         workspace = self.get("workspace", "mount") or f"/workspaces/{vm.name}"
         workspace = _norm_guest(workspace)
         if workspace == "/":
@@ -413,6 +416,7 @@ class _Resolver:
             ports=ports,
             ssh=self.ssh(),
             defaulted=tuple(".".join(key) for key in TRACKED_DEFAULTS if self.get(*key) is None),
+            backend=backend,
         )
 
     def size(self, key: tuple, default: int, minimum: int) -> int:
@@ -468,8 +472,29 @@ class _Resolver:
             gid=self.get("vm", "gid", default=dev.guest_gid),
         )
 
-    def network(self, vm: m.VmSettings) -> m.NetworkSettings:
-        mode = self.get("network", "mode", default="bridge")
+    def backend(self) -> str:
+        """The host backend (`microvm` | `runner`) from MARINER_BACKEND or the per-user
+        [host] backend; a [host] table in the project file is refused."""
+        from .host.choice import choose
+
+        for table in USER_ONLY:
+            if table in self.project.data:
+                self.problems.add(self.project, (table,), f"[{table}] belongs in the per-user "
+                                  f"config ({self.user.file if self.user else 'config.toml'}), "
+                                  f"not in a project's {CONFIG_NAME}: a repository must not "
+                                  f"decide how this machine runs VMs", True)
+        setting = None
+        if self.user is not None and not self.rejected("host", "backend"):
+            setting = (self.user.data.get("host") or {}).get("backend")
+        return choose(setting, strict=False).name
+
+    def network(self, vm: m.VmSettings, backend: str = "microvm") -> m.NetworkSettings:
+        mode = self.get("network", "mode", default="user" if backend == "runner" else "bridge")
+        if mode == "bridge" and backend == "runner" and not self.rejected("network", "mode"):
+            self.error(("network", "mode"), '"bridge" needs a tap device on br-microvm, which '
+                       'only root can create; the runner backend (VMs run as you) has user '
+                       'networking only: remove network.mode or set it to "user" (or use the '
+                       'microvm backend: MARINER_BACKEND=microvm)')
         ssh_port = self.get("network", "ssh_port")
         iface = self.get("network", "interface")
         dns = self.get("network", "dns")

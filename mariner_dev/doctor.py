@@ -71,6 +71,7 @@ class Check:
 @dataclass(frozen=True)
 class DoctorReport:
     checks: list[Check]
+    backend: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -82,7 +83,8 @@ class DoctorReport:
         return 0 if self.ok else 1
 
     def to_json(self) -> dict:
-        return {"ok": self.ok, "checks": [c.to_json() for c in self.checks]}
+        return {"ok": self.ok, "backend": self.backend,
+                "checks": [c.to_json() for c in self.checks]}
 
 
 def _verdict(name: str, required: bool, passed: bool, detail: str, fix: str | None) -> Check:
@@ -602,14 +604,199 @@ def microvm_host_checks(network_mode: str | None = None) -> list[Check]:
     return [_guarded(name, required, check) for name, required, check in plan]
 
 
+# -- the runner backend: any Linux with Nix and KVM, as the user ------------------------------
+
+KVM_GROUP_FIX = ("add yourself to the kvm group: `sudo usermod -aG kvm $USER`, then log out and "
+                 "in again (Debian, Ubuntu, Fedora, Arch alike; on NixOS: "
+                 "users.users.<you>.extraGroups = [ \"kvm\" ];)")
+VSOCK_FIX = ("load the module: `sudo modprobe vhost_vsock` (at every boot: `echo vhost_vsock | sudo "
+             "tee /etc/modules-load.d/vhost_vsock.conf`; NixOS: boot.kernelModules = "
+             "[ \"vhost_vsock\" ];), and let the kvm group use it: a udev rule "
+             "KERNEL==\"vhost-vsock\", GROUP=\"kvm\", MODE=\"0660\"")
+UIDMAP_FIX = ("install newuidmap/newgidmap (Debian, Ubuntu: `sudo apt install uidmap`; Fedora: "
+              "`sudo dnf install shadow-utils`; Arch: `sudo pacman -S shadow`) and give yourself "
+              "subordinate ids: `sudo usermod --add-subuids 100000-165535 --add-subgids "
+              "100000-165535 $USER`")
+APPARMOR_FIX = ("Ubuntu 23.10 and later restrict unprivileged user namespaces through AppArmor, "
+                "so virtiofsd's sandbox cannot set itself up. Allow it for virtiofsd only: an "
+                "AppArmor profile for the virtiofsd binary with the `userns,` rule (see "
+                "/etc/apparmor.d/unprivileged_userns for the form), loaded with `sudo "
+                "apparmor_parser -r`; or, for every program, `sudo sysctl -w "
+                "kernel.apparmor_restrict_unprivileged_userns=0`. mariner does not fall back to a "
+                "weaker sandbox")
+MIN_FREE_BYTES = 4 * 1024 ** 3
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        return int(Path(path).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def check_kvm_user() -> Check:
+    """/dev/kvm opened read-write by this user (the runner backend has no kvm-group service)."""
+    path = Path("/dev/kvm")
+    fix = ("enable hardware virtualisation (VT-x/AMD-V) in the firmware and load kvm-intel or "
+           "kvm-amd (`sudo modprobe kvm_intel` or `kvm_amd`); inside a VM, enable nested "
+           "virtualisation")
+    if not path.exists():
+        return _verdict("kvm", True, False, "/dev/kvm does not exist", fix)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except PermissionError:
+        st = path.stat()
+        return _verdict("kvm", True, False, f"{getpass.getuser()} cannot open /dev/kvm "
+                        f"read-write (mode {stat.filemode(st.st_mode)}, group "
+                        f"{_group_name(st.st_gid)})", KVM_GROUP_FIX)
+    except OSError as exc:
+        return _verdict("kvm", True, False, f"cannot open /dev/kvm: {exc.strerror}", fix)
+    try:
+        version = fcntl.ioctl(fd, KVM_GET_API_VERSION)
+    except OSError as exc:
+        return _verdict("kvm", True, False, f"/dev/kvm does not answer: {exc.strerror}", fix)
+    finally:
+        os.close(fd)
+    return _verdict("kvm", True, True, f"/dev/kvm opens read-write (KVM API version {version})",
+                    None)
+
+
+def check_nix_runner() -> Check:
+    """Nix that can build flakes when asked (mariner passes the experimental features)."""
+    fix = ("install Nix: https://nixos.org/download (the multi-user installer), or Debian/"
+           "Ubuntu `sudo apt install nix-bin`, Fedora `sudo dnf install nix`, Arch `sudo pacman "
+           "-S nix`; mariner passes --extra-experimental-features 'nix-command flakes' itself")
+    version = _run("nix", ["--version"])
+    if version is None:
+        return _verdict("nix", True, False, "nix is not on PATH", fix)
+    name = _last_line(version.stdout) or "nix"
+    result = _run("nix", ["--extra-experimental-features", "nix-command flakes", "config",
+                          "show"])
+    if result is not None and "not a recognised command" in result.stderr:
+        result = _run("nix", ["--extra-experimental-features", "nix-command flakes",
+                              "show-config"])
+    features = _nix_features(result) if result is not None and result.returncode == 0 else None
+    if features is None or "flakes" not in features:
+        why = _last_line(result.stderr) if result is not None else "no output"
+        return _verdict("nix", True, False, f"{name} cannot enable flakes ({why})",
+                        "install Nix 2.4 or later; " + fix)
+    return _verdict("nix", True, True, f"{name}; flakes enabled per command", None)
+
+
+def check_vhost_vsock_user() -> Check:
+    """Advisory: without /dev/vhost-vsock the VM has no vsock device (SSH uses the forwarded
+    port); mariner renders microvm.vsock.cid = null then."""
+    path = "/dev/vhost-vsock"
+    if os.access(path, os.R_OK | os.W_OK):
+        return Check("vhost-vsock", OK, f"{path} is usable: VMs get a vsock device", None, False)
+    why = "does not exist" if not os.path.exists(path) else f"is not read-write for {getpass.getuser()}"
+    return Check("vhost-vsock", WARN, f"{path} {why}: VMs run without vsock (SSH goes over the "
+                 f"forwarded loopback port)", VSOCK_FIX, False)
+
+
+def check_userns(sysctl: str = "/proc/sys") -> Check:
+    """User namespaces for virtiofsd's sandbox, and what blocks them (`sysctl`: where the
+    kernel's settings are read, /proc/sys)."""
+    name = "user-namespaces"
+    if _read_int(f"{sysctl}/kernel/apparmor_restrict_unprivileged_userns") == 1:
+        return _verdict(name, True, False, "kernel.apparmor_restrict_unprivileged_userns = 1: "
+                        "AppArmor denies unprivileged user namespaces", APPARMOR_FIX)
+    if _read_int(f"{sysctl}/kernel/unprivileged_userns_clone") == 0:
+        return _verdict(name, True, False, "kernel.unprivileged_userns_clone = 0: unprivileged "
+                        "user namespaces are off",
+                        "`sudo sysctl -w kernel.unprivileged_userns_clone=1` (persist it in "
+                        "/etc/sysctl.d/)")
+    limit = _read_int(f"{sysctl}/user/max_user_namespaces")
+    if limit == 0:
+        return _verdict(name, True, False, "user.max_user_namespaces = 0",
+                        "`sudo sysctl -w user.max_user_namespaces=15000` (persist it in "
+                        "/etc/sysctl.d/)")
+    return _verdict(name, True, True, "unprivileged user namespaces are allowed", None)
+
+
+def _subid_entry(file: str, user: str, uid: int) -> str | None:
+    try:
+        for line in Path(file).read_text().splitlines():
+            owner = line.split(":", 1)[0]
+            if owner in (user, str(uid)):
+                return line.strip()
+    except OSError:
+        return None
+    return None
+
+
+def check_uidmap(subid_files: tuple[str, str] = ("/etc/subuid", "/etc/subgid")) -> Check:
+    """newuidmap/newgidmap and subordinate ids, which virtiofsd's namespace sandbox maps."""
+    name = "newuidmap"
+    if os.geteuid() == 0:
+        return _verdict(name, True, True, "running as root: virtiofsd maps ids itself", None)
+    missing = [p for p in ("newuidmap", "newgidmap") if shutil.which(p) is None]
+    if missing:
+        return _verdict(name, True, False, f"{' and '.join(missing)} not on PATH", UIDMAP_FIX)
+    user = getpass.getuser()
+    for file in subid_files:
+        if _subid_entry(file, user, os.getuid()) is None:
+            return _verdict(name, True, False, f"{file} has no range for {user}", UIDMAP_FIX)
+    return _verdict(name, True, True, f"newuidmap, newgidmap and subordinate ids for {user}",
+                    None)
+
+
+def check_runner_state(root: Path) -> Check:
+    """The VMs' state directory: creatable by the user, with room for volumes."""
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return _verdict("state-dir", True, False, f"{existing} is not writable by "
+                        f"{getpass.getuser()}, so {root} cannot be created",
+                        "set XDG_DATA_HOME to a directory of yours")
+    usage = shutil.disk_usage(existing)
+    free = usage.free / 1024 ** 3
+    detail = f"{root} ({free:.1f} GiB free on its file system)"
+    if usage.free < MIN_FREE_BYTES:
+        return _verdict("state-dir", True, False, f"{detail}: the volumes (persist.img, "
+                        f"nix-store.img) grow into it", "free some space, or set XDG_DATA_HOME "
+                        "to a larger file system")
+    return _verdict("state-dir", True, True, detail, None)
+
+
+def runner_host_checks(root: Path) -> list[Check]:
+    """The checks for the runner backend: VMs run as this user with Nix and KVM, no root."""
+    plan: list[tuple[str, bool, Callable[[], Check]]] = [
+        ("kvm", True, check_kvm_user),
+        ("nix", True, check_nix_runner),
+        ("vhost-vsock", False, check_vhost_vsock_user),
+        ("user-namespaces", True, check_userns),
+        ("newuidmap", True, check_uidmap),
+        ("state-dir", True, lambda: check_runner_state(root)),
+        ("user-net-loopback", False, check_user_net_loopback),
+    ]
+    return [_guarded(name, required, check) for name, required, check in plan]
+
+
+def check_backend() -> tuple[Check, object]:
+    """Which backend serves this user (MARINER_BACKEND, [host] backend, auto) and the backend."""
+    from .host import choice
+
+    try:
+        chosen = choice.choose(choice.user_setting(), strict=True)
+        return Check("backend", OK, f"{chosen.name} ({chosen.reason})", None, True), \
+            choice.make(chosen.name)
+    except HostError as exc:  # auto found neither: the runner's checks say what to install
+        chosen = choice.choose(choice.user_setting(), strict=False)
+        return Check("backend", FAIL, str(exc), "fix what the checks below report, or set "
+                     "MARINER_BACKEND", True), choice.make(chosen.name)
+
+
 def run_doctor(backend=None, network_mode: str | None = None,
                dns: str | None = None) -> DoctorReport:
-    """Run the host backend's checks (the microvm.nix host by default), then the project's
-    (`network_mode` and `dns` of its [network], when there is one)."""
+    """Say which backend serves this user, run its checks, then the project's (`network_mode`
+    and `dns` of its [network], when there is one)."""
+    checks = []
     if backend is None:
-        from .host.microvm import MicrovmHost
-
-        backend = MicrovmHost()
-    checks = backend.doctor_checks(network_mode)
-    checks.append(_guarded("bridge-dns", False, lambda: check_bridge_dns(network_mode, dns)))
-    return DoctorReport(checks + mariner_checks())
+        found, backend = check_backend()
+        checks.append(found)
+    checks += backend.doctor_checks(network_mode)
+    if backend.name == "microvm":  # the runner backend has no bridge
+        checks.append(_guarded("bridge-dns", False, lambda: check_bridge_dns(network_mode, dns)))
+    return DoctorReport(checks + mariner_checks(), backend=backend.name)

@@ -30,9 +30,10 @@ def _noop(_: str) -> None:
 
 
 def default_backend() -> HostBackend:
-    from .host.microvm import MicrovmHost
+    """The host backend for this user on this host (host/choice.py decides)."""
+    from .host import choice
 
-    return MicrovmHost()
+    return choice.make(choice.choose(choice.user_setting()).name)
 
 
 class VmLock:
@@ -167,7 +168,7 @@ def up(cfg: ProjectConfig, *, timeout: float = 180.0, restart: bool = True,
             result.created = True
             host = backend.status(cfg.name)
         elif record.built_hash != flake.hash:
-            progress(f"rebuilding VM {cfg.name} (microvm -u)")
+            progress(f"rebuilding VM {cfg.name} ({backend.name} backend)")
             backend.update(cfg.name)
             result.updated = True
             result.messages.extend(settled.warnings)
@@ -181,7 +182,8 @@ def up(cfg: ProjectConfig, *, timeout: float = 180.0, restart: bool = True,
             progress(f"restarting VM {cfg.name}")
             _stop_agent(cfg.name)
             _update_record(registry, cfg.name, post_start_pending=True)
-            backend.restart(cfg.name)
+            _start(cfg, backend, registry, progress, restart=True, record=record, result=result,
+                   inputs=inputs)
             result.started = True
             record = _update_record(registry, cfg.name, restart_pending=False)
             host = backend.status(cfg.name)
@@ -190,7 +192,8 @@ def up(cfg: ProjectConfig, *, timeout: float = 180.0, restart: bool = True,
             if host.unit == "failed":
                 _stop_agent(cfg.name)
             _update_record(registry, cfg.name, post_start_pending=True)
-            backend.start(cfg.name)
+            _start(cfg, backend, registry, progress, restart=False, record=record,
+                   result=result, inputs=inputs)
             result.started = True
             record = _update_record(registry, cfg.name, restart_pending=False)
         result.restart_pending = record.restart_pending
@@ -286,6 +289,29 @@ def _pinned(target) -> bool:
     from .remote.trust import pinned_keys
 
     return bool(pinned_keys(target.known_hosts, target.alias))
+
+
+def _start(cfg: ProjectConfig, backend: HostBackend, registry: Registry, progress: Progress,
+           *, restart: bool, record: VmRecord, result: UpResult, inputs) -> None:
+    """Start (or restart) the VM. When the backend sees at once that another VM on the host,
+    one mariner cannot see (another user's, in runner mode), holds the vsock cid, move it
+    (_move_cid) and start again."""
+    from .host.backend import VsockCidInUse
+
+    for _ in range(3):
+        try:
+            backend.restart(cfg.name) if restart else backend.start(cfg.name)
+            return
+        except VsockCidInUse:
+            if cfg.vm.cid is not None:
+                raise
+            record = _move_cid(cfg, registry, backend, record, "another VM on this host",
+                               result, progress, inputs)
+            restart = False  # it did not start
+    raise MarinerError(f"VM {cfg.name!r} could not start: every vsock cid tried is held by "
+                       f"another VM on this host", hint="set [vm] cid to a free one")
+
+
 
 
 def _stop_agent(name: str) -> None:
@@ -516,9 +542,11 @@ class VmStatus:
     host_error: HostUnavailable | None = field(default=None, repr=False)
     # project files the host runs, changed since `mariner trust` (tripwire.Change.to_json)
     tripwire: list[dict] = field(default_factory=list)
+    backend: str | None = None     # the host backend that runs it: "microvm" | "runner"
 
     def to_json(self) -> dict:
         return {"name": self.name, "state": self.state, "project": self.project,
+                "backend": self.backend,
                 "managed": self.managed, "outdated": self.outdated,
                 "changed_keys": self.changed_keys, "restart_pending": self.restart_pending,
                 "address": self.address, "ssh_port": self.ssh_port, "cid": self.cid,
@@ -586,9 +614,11 @@ def status(cfg: ProjectConfig, *, backend: HostBackend | None = None) -> VmStatu
     if record is None:
         state = "absent" if not host.exists else _state_of(host, None)
         return VmStatus(name=cfg.name, state=state, project=str(cfg.project_dir),
-                        managed=False, tripwire=file_changes, notes=_approval_notes(cfg))
+                        managed=False, tripwire=file_changes, notes=_approval_notes(cfg),
+                        backend=backend.name)
     state = _state_of(host, record)
     result = VmStatus(name=cfg.name, state=state, project=record.project, managed=True,
+                      backend=backend.name,
                       cid=record.cid, ssh_port=record.ssh_port,
                       address=record.ssh_endpoint[0],
                       uptime=host.uptime if host.running else None, tripwire=file_changes)
@@ -661,7 +691,7 @@ def list_vms(*, backend: HostBackend | None = None) -> tuple[list[VmStatus], Hos
         backend.preflight()
     except HostUnavailable as exc:
         return [VmStatus(name=name, state=UNKNOWN, project=record.project, managed=True,
-                         cid=record.cid, ssh_port=record.ssh_port,
+                         backend=backend.name, cid=record.cid, ssh_port=record.ssh_port,
                          address=record.ssh_endpoint[0])
                 for name, record in sorted(records.items())], exc
     host_names = backend.list_vms()
@@ -673,10 +703,11 @@ def list_vms(*, backend: HostBackend | None = None) -> tuple[list[VmStatus], Hos
         host = statuses[name]
         if record is None:
             out.append(VmStatus(name=name, state=_state_of(host, None, probe=False),
-                                project=None, managed=False))
+                                project=None, managed=False, backend=backend.name))
             continue
         out.append(VmStatus(name=name, state=_state_of(host, record), project=record.project,
-                            managed=True, cid=record.cid, ssh_port=record.ssh_port,
+                            managed=True, backend=backend.name, cid=record.cid,
+                            ssh_port=record.ssh_port,
                             address=record.ssh_endpoint[0],
                             uptime=host.uptime if host.running else None,
                             agent=host.running and remote.agent_running(name),

@@ -131,6 +131,7 @@ class ProjectConfig:
     ssh: SshSettings
     # Keys neither file sets, resolved to mariner's default (see drift.LEGACY_DEFAULTS).
     defaulted: tuple[str, ...] = ()
+    backend: str = "microvm"   # the host backend that runs the VM: "microvm" | "runner"
 
     @property
     def name(self) -> str:
@@ -163,6 +164,8 @@ class ProjectConfig:
             return value
 
         data = plain(asdict(self))
+        # the host's, not the project's: it changes what is rendered, never the config itself
+        data.pop("backend")
         data["env"] = dict(self.env)
         data["ports"] = [{"host": p.host, "guest": p.guest} for p in self.ports]
         return data

@@ -36,6 +36,9 @@ def isolated_env(tmp_path_factory, monkeypatch):
         "XDG_CONFIG_HOME": str(base / "xdg-config"),
         "XDG_RUNTIME_DIR": str(runtime),
         "XDG_CACHE_HOME": str(base / "xdg-cache"),
+        "XDG_DATA_HOME": str(base / "xdg-data"),
+        # The backend is the host's business: tests say which one they play.
+        "MARINER_BACKEND": "microvm",
         "NO_COLOR": "1",
         "COLUMNS": "120",
         "TERM": "xterm-256color",

@@ -15,9 +15,13 @@ def list_(json_output: JsonOpt = False) -> int:
     from .app import emit_error, print_error
 
     ctx = context(None, json_output)
-    vms, host_error = lifecycle.list_vms()
+    backend = lifecycle.default_backend()
+    vms, host_error = lifecycle.list_vms(backend=backend)
+    if not json_output:
+        ctx.err.print(f"backend: {backend.name} (VMs in {backend.vms_dir})")
     if json_output:
-        data = {"vms": [vm.to_json() for vm in vms]}
+        data = {"backend": backend.name, "vms_dir": str(backend.vms_dir),
+                "vms": [vm.to_json() for vm in vms]}
         if host_error:
             emit_error(host_error, **data)
         else:

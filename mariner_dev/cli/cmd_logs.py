@@ -14,7 +14,8 @@ def logs(
     lines: Annotated[Optional[int], typer.Option("-n", "--lines", min=0,
                      help="Show only the last N lines.")] = None,
 ) -> None:
-    """Show the VM's console log (the journal of microvm@<name>).
+    """Show the VM's console log (microvm@<name>'s journal; console.log in
+    runner mode).
 
     \b
     Examples:

@@ -57,7 +57,7 @@ def status(project: ProjectOpt = None, json_output: JsonOpt = False) -> int:
 
 def _print_status(result) -> None:
     state = result.state + (" (outdated)" if result.outdated else "")
-    lines = [f"name:     {result.name}", f"state:    {state}"]
+    lines = [f"name:     {result.name}", f"state:    {state}", f"backend:  {result.backend}"]
     if result.outdated:
         lines.append(f"changed:  {', '.join(result.changed_keys)} (run `mariner up`)")
     if result.restart_pending:

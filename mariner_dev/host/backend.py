@@ -37,6 +37,17 @@ def check_vm_name(name: str) -> str:
     return name
 
 
+class VsockCidInUse(HostError):
+    """The VM could not start because another VM on this host (another user's, which mariner
+    cannot see) holds its vsock cid."""
+
+    def __init__(self, name: str, cid: int):
+        super().__init__(f"VM {name} could not start: another VM on this host holds vsock cid "
+                         f"{cid}", hint="set [vm] cid to a free one, or remove it to have "
+                                        "mariner pick another")
+        self.cid = cid
+
+
 @dataclass(frozen=True)
 class HostVmStatus:
     """What the host says about one VM, read without changing anything."""
@@ -89,6 +100,11 @@ class HostBackend(ABC):
         if not self._usable:
             self.check_usable()
             self._usable = True
+
+    @property
+    @abstractmethod
+    def vms_dir(self) -> Path:
+        """The directory that holds one directory per VM (the backend's state directory)."""
 
     @abstractmethod
     def create(self, name: str, flake_dir: Path, *, timeout: float | None = None) -> None:

@@ -113,20 +113,58 @@ def failure(argv: list[str], returncode: int, stdout: str, stderr: str) -> HostE
 
 def run(name: str, args: Sequence[str] = (), *, privileged: bool = False,
         ok_codes: Collection[int] | None = (0,), timeout: float | None = None,
-        input: str | None = None, env: Mapping[str, str] | None = None) -> CommandResult:
+        input: str | None = None, env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike | None = None) -> CommandResult:
     """Run a host command to completion, capturing stdout and stderr.
 
     An exit status outside `ok_codes` raises HostError (`ok_codes=None` accepts any status and
     leaves the judgement to the caller); so does the timeout, in seconds.
     """
-    argv = command_argv(name, args, privileged=privileged)
+    return _run(command_argv(name, args, privileged=privileged), ok_codes=ok_codes,
+                timeout=timeout, input=input, env=env, cwd=cwd)
+
+
+def run_built(program: os.PathLike, args: Sequence[str] = (), *, cwd: str | os.PathLike,
+              ok_codes: Collection[int] | None = (0,), timeout: float | None = None,
+              env: Mapping[str, str] | None = None) -> CommandResult:
+    """Run a program that a Nix build produced (a VM runner's `bin/microvm-shutdown`), by its
+    absolute path, never with privilege, in the working directory `cwd`."""
+    return _run(built_argv(program, args), ok_codes=ok_codes, timeout=timeout, input=None,
+                env=env, cwd=cwd)
+
+
+def built_argv(program: os.PathLike, args: Sequence[str] = ()) -> list[str]:
+    """The argv of a built program: its absolute path (never looked up on PATH) and `args`."""
+    path = os.fspath(program)
+    if not os.path.isabs(path):
+        raise ValueError(f"a built program is run by its absolute path, not {path!r}")
+    return [path, *map(str, args)]
+
+
+def spawn(argv: list[str], *, cwd: str | os.PathLike, stdout, stderr=subprocess.STDOUT,
+          new_session: bool = False, env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    """Start a long-running host process (a VM's supervisor, QEMU, virtiofsd) with stdin from
+    /dev/null; the caller owns it. `argv` comes from command_argv() or built_argv()."""
+    log.info("$ %s  (in %s, background)", shlex.join(argv), cwd)
+    try:
+        return subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=stdout,
+                                stderr=stderr, start_new_session=new_session, close_fds=True,
+                                env=None if env is None else {**os.environ, **env})
+    except OSError as exc:
+        raise HostError(f"cannot run `{shlex.join(argv)}`: {exc.strerror or exc}",
+                        argv=argv) from None
+
+
+def _run(argv: list[str], *, ok_codes: Collection[int] | None, timeout: float | None,
+         input: str | None, env: Mapping[str, str] | None,
+         cwd: str | os.PathLike | None) -> CommandResult:
     log.info("$ %s", shlex.join(argv))
     started = time.monotonic()
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, errors="replace",
                               timeout=timeout, input=input,
                               stdin=None if input is not None else subprocess.DEVNULL,
-                              env=None if env is None else {**os.environ, **env})
+                              env=None if env is None else {**os.environ, **env}, cwd=cwd)
     except subprocess.TimeoutExpired as exc:
         stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
         raise HostError(f"`{shlex.join(argv)}` did not finish within {timeout:g} s",

@@ -79,7 +79,7 @@ def _parse_show(output: str) -> list[dict[str, str]]:
 class MicrovmHost(HostBackend):
     """VMs managed with the `microvm` CLI and `microvm@<name>` systemd units."""
 
-    name = "microvm.nix"
+    name = "microvm"
 
     def __init__(self, microvms_dir: Path | None = None):
         self._microvms_dir = microvms_dir
@@ -88,6 +88,10 @@ class MicrovmHost(HostBackend):
     def microvms_dir(self) -> Path:
         """The state directory (MARINER_MICROVMS_DIR at the time of the call, unless given)."""
         return self._microvms_dir or paths.microvms_dir()
+
+    @property
+    def vms_dir(self) -> Path:
+        return self.microvms_dir
 
     def vm_dir(self, name: str) -> Path:
         return self.microvms_dir / check_vm_name(name)

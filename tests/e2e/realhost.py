@@ -212,7 +212,12 @@ def accelerator() -> str:
 
 
 def qemu_argv(name: str, spec: GuestSpec, image: Path, disk: Path, config: Path,
-              runtime: Path, accel: str) -> list[str]:
+              runtime: Path, accel: str, *, qmp: str | None = None,
+              sockets: list[str] | None = None) -> list[str]:
+    """QEMU's command line; `qmp` and `sockets` (one per share) default to files in `runtime`
+    (the runner backend's runner uses microvm.nix's paths, relative to its state directory)."""
+    qmp = qmp or str(runtime / "qmp.sock")
+    sockets = sockets or [str(runtime / f"fs{index}.sock") for index in range(len(spec.shares))]
     cpus = max(1, min(spec.cpus, os.cpu_count() or 1))
     mem = spec.memory_mib
     nic = "virtio-net-pci,netdev=net0,romfile="
@@ -232,9 +237,9 @@ def qemu_argv(name: str, spec: GuestSpec, image: Path, disk: Path, config: Path,
             "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22",
             "-device", nic,
             "-fw_cfg", f"name={FW_CFG_NAME},file={config}",
-            "-qmp", f"unix:{runtime / 'qmp.sock'},server=on,wait=off"]
+            "-qmp", f"unix:{qmp},server=on,wait=off"]
     for index, share in enumerate(spec.shares):
-        argv += ["-chardev", f"socket,id=fs{index},path={runtime / f'fs{index}.sock'}",
+        argv += ["-chardev", f"socket,id=fs{index},path={sockets[index]}",
                  "-device", f"vhost-user-fs-pci,chardev=fs{index},tag={share.tag}"]
     return argv
 

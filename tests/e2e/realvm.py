@@ -63,7 +63,10 @@ def isolated_environment(base: Path, image_dir: Path) -> dict:
         "XDG_STATE_HOME": str(base / "xdg-state"),
         "XDG_CONFIG_HOME": str(base / "xdg-config"),
         "XDG_CACHE_HOME": str(base / "xdg-cache"),
+        "XDG_DATA_HOME": str(base / "xdg-data"),
         "XDG_RUNTIME_DIR": str(runtime),
+        # the e2e host plays the microvm.nix host module; test_runner_mode.py sets "runner"
+        "MARINER_BACKEND": "microvm",
         "NO_COLOR": "1", "COLUMNS": "120", "TERM": "xterm-256color",
         "MARINER_SUDO": "",
         "PATH": f"{E2E_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -92,6 +95,10 @@ class RealVm:
 
     @property
     def vm_dir(self) -> Path:
+        """The VM's directory on the host: the microvm.nix state directory's, or the runner
+        backend's under $XDG_DATA_HOME."""
+        if self.env.get("MARINER_BACKEND") == "runner":
+            return Path(self.env["XDG_DATA_HOME"]) / "mariner" / "vms" / self.name
         return Path(self.env["MARINER_MICROVMS_DIR"]) / self.name
 
     @property

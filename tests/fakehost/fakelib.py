@@ -294,6 +294,26 @@ def _content(value):
     return value
 
 
+# nix-mariner's storage.nix: a plain definition, so a list in vm.nix is appended to it and only
+# lib.mkForce replaces it.
+NIX_MARINER_SHARES = [{"tag": "ro-store", "source": "/nix/store", "mountPoint": "/nix/.ro-store",
+                       "proto": "9p"}]
+
+
+def effective_shares(vm: dict) -> list[dict]:
+    """microvm.shares as the module system merges it with nix-mariner's own entry."""
+    value = _get(vm, "microvm.shares", []) or []
+    if isinstance(value, dict) and value.get("_type") == "override":
+        return list(value.get("content") or [])
+    return NIX_MARINER_SHARES + list(value)
+
+
+def vsock_cid(vm: dict):
+    """microvm.vsock.cid: nix-mariner copies mariner.cid there, unless vm.nix forces it."""
+    value = _get(vm, "microvm.vsock.cid", _get(vm, "mariner.cid"))
+    return _content(value)
+
+
 def _assertions(name: str, vm: dict) -> list[str]:
     """What microvm.nix and nix-mariner assert at build time (the subset the fake knows)."""
     host = _get(vm, "networking.hostName", name)
@@ -311,7 +331,7 @@ def _assertions(name: str, vm: dict) -> list[str]:
         if len(iface) > 15:
             failed.append(f"MicroVM {host}: interface name {iface} is longer than the maximum "
                           f"length of 15 characters on Linux")
-    shares = _get(vm, "microvm.shares", []) or []
+    shares = effective_shares(vm)
     for field in ("tag", "socket"):
         values = [s.get(field) for s in shares if s.get(field) is not None]
         for value in sorted(set(values)):
@@ -501,8 +521,8 @@ def _share_links(vm: dict) -> list[tuple[Path, Path]]:
     if os.environ.get("MARINER_FAKE_NO_SHARES") == "1":
         return []
     return [(Path(s["mountPoint"]), Path(s["source"]))
-            for s in _get(vm, "microvm.shares", []) or []
-            if s.get("mountPoint") and s.get("source")]
+            for s in effective_shares(vm)
+            if s.get("mountPoint") and s.get("source") and s.get("tag") != "ro-store"]
 
 
 def _mount_shares(name: str, vm: dict) -> list[str]:

@@ -14,7 +14,8 @@ from mariner_dev import doctor
 from mariner_dev.doctor import Check, DoctorReport
 from support.fakehost import shell_command as tool
 
-NAMES = ["host-os", "kvm", "microvm", "systemd", "nix", "vhost-vsock", "bridge",
+# the isolation fixture sets MARINER_BACKEND=microvm: doctor says so, then checks that host
+NAMES = ["backend", "host-os", "kvm", "microvm", "systemd", "nix", "vhost-vsock", "bridge",
          "systemd-networkd", "sudo", "state-dir", "bridge-firewall", "user-net-loopback",
          "bridge-dns", "mariner-home", "runtime-dir"]
 
@@ -50,7 +51,8 @@ def test_exit_code_follows_required_failures_only():
     assert DoctorReport([required_ok, advisory]).exit_code == 0
     report = DoctorReport([required_ok, advisory, Check("nix", "fail", "d", "f", True)])
     assert (report.ok, report.exit_code) == (False, 1)
-    assert report.to_json() == {"ok": False, "checks": [c.to_json() for c in report.checks]}
+    assert report.to_json() == {"ok": False, "backend": None,
+                                "checks": [c.to_json() for c in report.checks]}
 
 
 def test_cli_json_on_this_machine(run_cli):
@@ -58,12 +60,13 @@ def test_cli_json_on_this_machine(run_cli):
     data = json.loads(out)
     assert data["version"] == 1
     if data["ok"]:
-        assert (set(data), data["outcome"], code) == ({"version", "outcome", "ok", "checks"},
-                                                      "success", 0)
+        assert (set(data), data["outcome"], code) == (
+            {"version", "outcome", "ok", "backend", "checks"}, "success", 0)
     else:
-        assert set(data) == {"version", "outcome", "ok", "checks", "message", "hint",
-                             "exit_code"}
+        assert set(data) == {"version", "outcome", "ok", "backend", "checks", "message",
+                             "hint", "exit_code"}
         assert (data["outcome"], data["exit_code"], code) == ("error", 1, 1)
+    assert data["backend"] == "microvm"
     assert [c["name"] for c in data["checks"]] == NAMES
     for check in data["checks"]:
         assert set(check) == {"name", "status", "detail", "fix", "required"}

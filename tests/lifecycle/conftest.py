@@ -23,15 +23,51 @@ FAKEHOST_BIN = REPO / "tests" / "fakehost" / "bin"
 GUEST_USER = "mariner-guest"
 
 
+BACKENDS = ("microvm", "runner")
+
+
 @dataclass
 class Project:
-    """A test project on disk plus helpers to run mariner on it and read the fake host's log."""
+    """A test project on disk plus helpers to run mariner on it and read the fake host's log.
+
+    `backend` is the host backend the test plays: "microvm" (the fake microvm/systemctl/
+    journalctl) or "runner" (the fake nix, whose runner boots the same real-sshd guest under
+    mariner's own supervisor). The *_calls helpers name each backend's commands."""
 
     dir: Path
     name: str
     log: Path
     guest_root: Path
     guest_uid: int
+    backend: str = "microvm"
+
+    @property
+    def host_vms_dir(self) -> Path:
+        """Where the backend keeps its VMs (one directory each)."""
+        if self.backend == "runner":
+            return Path(os.environ["XDG_DATA_HOME"]) / "mariner" / "vms"
+        return Path(os.environ["MARINER_MICROVMS_DIR"])
+
+    @property
+    def vm_dir(self) -> Path:
+        return self.host_vms_dir / self.name
+
+    def is_build(self, call: list[str], create: bool | None = None) -> bool:
+        """A build of this VM (`create`: the first one / True, a rebuild / False, any / None)."""
+        if self.backend == "runner":
+            return call[0] == "nix" and "build" in call
+        kinds = {True: ["-c"], False: ["-u"], None: ["-c", "-u"]}[create]
+        return call[0] == "microvm" and len(call) > 1 and call[1] in kinds
+
+    def is_start(self, call: list[str]) -> bool:
+        if self.backend == "runner":
+            return call[0] == "microvm-run"
+        return call[:2] in (["systemctl", "start"], ["systemctl", "restart"])
+
+    def is_stop(self, call: list[str]) -> bool:
+        if self.backend == "runner":
+            return call[0] == "microvm-shutdown"
+        return call[:2] in (["systemctl", "stop"], ["systemctl", "restart"])
 
     @property
     def config(self) -> Path:
@@ -90,6 +126,8 @@ class Project:
             prog = call[0]
             if prog == "journalctl":
                 continue
+            if prog == "nix" and "build" not in call:
+                continue
             if prog == "systemctl" and len(call) > 1 and call[1] in reads:
                 continue
             out.append(call)
@@ -104,8 +142,15 @@ def fake_host(fakehost):
     return fakehost.log_file
 
 
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch) -> str:
+    """Each lifecycle test runs on both host backends."""
+    monkeypatch.setenv("MARINER_BACKEND", request.param)
+    return request.param
+
+
 @pytest.fixture
-def project(fake_host, isolated_env):
+def project(fake_host, isolated_env, backend):
     """A project owned by the guest account, in a directory the guest account can reach."""
     from support.guest_sshd import ensure_guest_user
 
@@ -118,18 +163,21 @@ def project(fake_host, isolated_env):
     guest_root.mkdir()
     os.chown(directory, uid, -1)
     name = "t" + uuid.uuid4().hex[:10]
-    proj = Project(dir=directory, name=name, log=fake_host, guest_root=guest_root, guest_uid=uid)
+    proj = Project(dir=directory, name=name, log=fake_host, guest_root=guest_root, guest_uid=uid,
+                   backend=backend)
     proj.write()
     yield proj
-    _stop_agents(Path(os.environ["MARINER_MICROVMS_DIR"]))
+    _stop_agents(proj.host_vms_dir)
     shutil.rmtree(base, ignore_errors=True)
 
 
-def _stop_agents(microvms: Path) -> None:
+def _stop_agents(vms_dir: Path) -> None:
     """Whatever a test left running: the VMs' background agents (the fakehost fixture stops
     the guests)."""
     from mariner_dev import remote
 
-    for vm in microvms.iterdir():
+    if not vms_dir.is_dir():
+        return
+    for vm in vms_dir.iterdir():
         if vm.is_dir() and not vm.name.startswith("."):
             remote.stop_agent(vm.name)

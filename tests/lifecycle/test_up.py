@@ -26,8 +26,14 @@ def test_first_up_creates_boots_and_pins(project):
 
     calls = project.changing_calls()
     flake_dir = Path(os.environ["MARINER_HOME"]) / "vms" / project.name / "flake"
-    assert ["microvm", "-c", project.name, "-f", f"path:{flake_dir}"] in calls
-    assert ["systemctl", "start", f"microvm@{project.name}"] in calls
+    if project.backend == "microvm":
+        assert ["microvm", "-c", project.name, "-f", f"path:{flake_dir}"] in calls
+        assert ["systemctl", "start", f"microvm@{project.name}"] in calls
+    else:
+        assert ["nix", "--extra-experimental-features", "nix-command flakes", "build", "-o",
+                str(project.vm_dir / "current"), f"path:{flake_dir}#nixosConfigurations."
+                f"{project.name}.config.microvm.declaredRunner"] in calls
+        assert ["microvm-run"] in calls
 
     # The guest's host key is pinned under the VM's alias, and an ssh-config entry exists.
     known = (Path(os.environ["MARINER_HOME"]) / "known_hosts").read_text()
@@ -59,8 +65,8 @@ def test_drift_rebuilds_and_restarts(project):
     result = project.up_json()
     assert result["updated"] and result["started"] and not result["created"]
     calls = project.changing_calls()
-    assert ["microvm", "-u", project.name] in calls
-    assert any(c[:2] == ["systemctl", "restart"] or c[:2] == ["systemctl", "stop"] for c in calls)
+    assert any(project.is_build(c, create=False) for c in calls)
+    assert any(project.is_stop(c) for c in calls) and any(project.is_start(c) for c in calls)
     status = project.status_json()
     assert status["outdated"] is False and status["state"] == "running"
 
@@ -72,8 +78,7 @@ def test_no_restart_defers_and_status_says_so(project):
     result = project.up_json("--no-restart")
     assert result["updated"] and not result["started"]
     assert result["restart_pending"] is True
-    assert not any(c[0] == "systemctl" and c[1] in ("restart", "stop", "start")
-                   for c in project.changing_calls())
+    assert not any(project.is_start(c) or project.is_stop(c) for c in project.changing_calls())
     status = project.status_json()
     assert status["restart_pending"] is True and status["outdated"] is False
 
@@ -85,7 +90,8 @@ def test_up_after_no_restart_applies_the_pending_restart(project):
     project.clear_log()
     result = project.up_json()
     assert result["started"] and not result["updated"] and result["restart_pending"] is False
-    assert ["systemctl", "restart", f"microvm@{project.name}"] in project.changing_calls()
+    assert any(project.is_start(c) for c in project.changing_calls())
+    assert any(project.is_stop(c) for c in project.changing_calls())
     status = project.status_json()
     assert status["restart_pending"] is False and status["state"] == "running"
 
@@ -100,13 +106,14 @@ def test_down_then_up_again(project):
     project.clear_log()
     result = project.up_json()
     assert result["started"] and not result["created"]
-    assert ["systemctl", "start", f"microvm@{project.name}"] in project.changing_calls()
+    assert any(project.is_start(c) for c in project.changing_calls())
+    assert not any(project.is_build(c) for c in project.changing_calls())
 
 
 def test_destroy_removes_everything(project):
     project.up_json()
     home = Path(os.environ["MARINER_HOME"])
-    vm_dir = Path(os.environ["MARINER_MICROVMS_DIR"]) / project.name
+    vm_dir = project.vm_dir
     assert vm_dir.exists()
     proc = project.mariner("destroy", check=2)  # no terminal, no --force: refuses
     assert "--force" in proc.stderr
@@ -123,7 +130,7 @@ def test_destroy_removes_everything(project):
 
 def test_list_shows_mariner_and_foreign_vms(project):
     project.up_json()
-    foreign = Path(os.environ["MARINER_MICROVMS_DIR"]) / "handmade"
+    foreign = project.host_vms_dir / "handmade"
     foreign.mkdir()
     proc = project.mariner("list", "--json", check=0)
     vms = {vm["name"]: vm for vm in document("list", proc.stdout, 0)["vms"]}
@@ -187,7 +194,7 @@ def test_ctrl_c_while_waiting_for_ssh_then_up_runs_post_start(project):
     proc = subprocess.Popen([sys.executable, "-m", "mariner_dev", "up"], cwd=project.dir,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
-    while not any(c[:2] == ["systemctl", "start"] for c in project.host_calls()):
+    while not any(project.is_start(c) for c in project.host_calls()):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
@@ -240,7 +247,7 @@ def test_other_project_cannot_take_the_name(project, tmp_path):
 
 
 def test_refuses_a_vm_it_did_not_create(project):
-    (Path(os.environ["MARINER_MICROVMS_DIR"]) / project.name).mkdir()
+    project.vm_dir.mkdir(parents=True)
     proc = project.mariner("up", check=2)
     assert "did not create" in proc.stderr
     assert project.changing_calls() == []
@@ -258,7 +265,7 @@ def test_two_concurrent_ups_create_once(project):
     out2, err2 = second.communicate(timeout=120)
     assert first.returncode == 0, err1
     assert second.returncode == 0, err2
-    creates = [c for c in project.host_calls() if c[:2] == ["microvm", "-c"]]
+    creates = [c for c in project.host_calls() if project.is_build(c, create=True)]
     assert len(creates) == 1
     assert json.loads(out1)["created"] is True
     assert json.loads(out2)["created"] is False
@@ -290,7 +297,7 @@ def test_ctrl_c_during_build_then_up_completes(project):
     proc = subprocess.Popen([sys.executable, "-m", "mariner_dev", "up"], cwd=project.dir,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 15
-    while not any(c[:2] == ["microvm", "-c"] for c in project.host_calls()):
+    while not any(project.is_build(c, create=True) for c in project.host_calls()):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)

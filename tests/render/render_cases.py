@@ -148,6 +148,8 @@ def isolated(monkeypatch: pytest.MonkeyPatch, root: Path) -> Path:
                      ("MARINER_MICROVMS_DIR", "microvms"), ("XDG_CONFIG_HOME", "xdg-config"),
                      ("XDG_STATE_HOME", "xdg-state"), ("XDG_CACHE_HOME", "xdg-cache")):
         monkeypatch.setenv(var, str(root / sub))
+    monkeypatch.setenv("XDG_DATA_HOME", str(root / "xdg-data"))
+    monkeypatch.setenv("MARINER_BACKEND", "microvm")  # the golden flakes are the host module's
     config = root / "xdg-config" / "mariner" / "config.toml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(USER_CONFIG)

@@ -107,12 +107,44 @@ class FakeHost:
                               text=True, check=check)
 
     def stop_all(self) -> None:
-        """Stop every VM's unit, so no guest sshd outlives the test."""
+        """Stop every VM's unit, and every VM the runner backend started, so no guest sshd
+        outlives the test."""
+        stop_runner_vms()
         if not self.microvms_dir.is_dir():
             return
         for directory in self.microvms_dir.iterdir():
             if directory.is_dir() and not directory.name.startswith("."):
                 fakelib.stop_unit(directory.name)
+
+
+def stop_runner_vms() -> None:
+    """SIGTERM the fake QEMU (it halts its guest) and the supervisor of every runner-backend VM
+    under $XDG_DATA_HOME/mariner/vms, then their process groups (virtiofsd-run)."""
+    import signal
+
+    from mariner_dev.host import supervisor
+    from mariner_dev.host.userhost import state_root
+
+    root = state_root()
+    if not root.is_dir():
+        return
+    for directory in root.iterdir():
+        record = supervisor.read_record(str(directory))
+        procs = [(record.get("qemu_pid"), record.get("qemu_start"), False),
+                 (record.get("virtiofsd_pid"), record.get("virtiofsd_start"), True),
+                 (record.get("pid"), record.get("start"), True)]
+        for pid, start, group in procs:
+            if supervisor.alive(pid, start):
+                try:
+                    os.killpg(pid, signal.SIGTERM) if group else os.kill(pid, signal.SIGTERM)
+                except OSError:
+                    pass
+                deadline = time.monotonic() + 10
+                while supervisor.alive(pid, start) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+        if (directory / "guest" / "sshd_config").exists():  # a QEMU killed under its guest
+            subprocess.run([sys.executable, str(fakelib.GUEST_SSHD), "stop", "--state-dir",
+                            str(directory / "guest")], capture_output=True, text=True)
 
 
 @pytest.fixture
@@ -125,10 +157,14 @@ def fakehost(monkeypatch, tmp_path) -> FakeHost:
     monkeypatch.setenv("MARINER_MICROVMS_DIR", str(microvms))
     monkeypatch.setenv("MARINER_GCROOTS_DIR", str(gcroots))
     monkeypatch.setenv("MARINER_FAKEHOST_LOG", str(log_file))
+    monkeypatch.setenv("MARINER_FAKE_NIX_STORE", str(tmp_path / "nix-store"))
+    (tmp_path / "vsock-cids").mkdir(exist_ok=True)
+    monkeypatch.setenv("MARINER_FAKE_VSOCK_DIR", str(tmp_path / "vsock-cids"))
+    monkeypatch.delenv("MARINER_VHOST_VSOCK", raising=False)
     monkeypatch.setenv("PATH", f"{FAKEHOST_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     for knob in ("MARINER_FAKE_BUILD_FAIL", "MARINER_FAKE_BUILD_DELAY", "MARINER_FAKE_BOOT_DELAY",
                  "MARINER_FAKE_BOOT_FAIL", "MARINER_FAKE_STOP_DELAY", "MARINER_FAKE_GUEST_USER",
-                 "MARINER_FAKE_NO_SHARES"):
+                 "MARINER_FAKE_NO_SHARES", "MARINER_FAKE_NIX_FEATURES"):
         monkeypatch.delenv(knob, raising=False)
     host = FakeHost(microvms, gcroots, log_file)
     try:
