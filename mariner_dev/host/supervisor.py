@@ -122,6 +122,7 @@ class Supervisor:
         self.state = state
         self.name = name
         self.socket_timeout = socket_timeout
+        self.sockets: list[str] = []  # virtiofsd's, removed with it (a killed one leaves them)
         self.record: dict = {}
         self.console = None
         self.terminating = False
@@ -195,7 +196,7 @@ class Supervisor:
 
         from . import commands
 
-        sockets = virtiofs_sockets(runner)
+        sockets = self.sockets = virtiofs_sockets(runner)
         program = os.path.join(runner, "bin", "virtiofsd-run")
         if not sockets:
             return None
@@ -271,7 +272,7 @@ class Supervisor:
     def finish(self, virtiofsd, state: str, result: str) -> int:
         if virtiofsd:
             _stop_group(virtiofsd)
-        for sock in [qmp_socket(self.name)]:
+        for sock in [qmp_socket(self.name), *self.sockets]:
             try:
                 os.unlink(os.path.join(self.state, sock))
             except OSError:
