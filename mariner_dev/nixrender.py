@@ -206,7 +206,9 @@ def _runner_settings(shares: list[dict]) -> list[tuple[str, str]]:
     settings = [("microvm.shares", f"lib.mkForce {nix_value([store, *shares])}"),
                 ("microvm.virtiofsd.group", "null")]
     if not vhost_vsock_usable():
-        settings.append(("microvm.vsock.cid", "lib.mkForce null"))
+        settings += [("microvm.vsock.cid", "lib.mkForce null"),
+                     # sshd on vsock asserts a cid
+                     ("microvm.vsock.ssh.enable", "lib.mkForce false")]
     return settings
 
 

@@ -116,6 +116,7 @@ def test_runner_render_nulls_vsock_forces_a_read_only_store_and_drops_the_socket
                       public_key="ssh-ed25519 AAAA test")
     vm = (flake / "vm.nix").read_text()
     assert "microvm.vsock.cid = lib.mkForce null;" in vm
+    assert "microvm.vsock.ssh.enable = lib.mkForce false;" in vm
     assert "microvm.virtiofsd.group = null;" in vm
     assert "microvm.shares = lib.mkForce [" in vm
     store = vm.split("microvm.shares = lib.mkForce [", 1)[1].split("}", 1)[0]
