@@ -327,8 +327,24 @@ class RunnerHost(HostBackend):
         return runner_host_checks(self.root)
 
 
+# C0 controls but tab, DEL and C1 controls: the console is the guest's output, and an escape
+# sequence printed to the developer's terminal could rewrite what it shows or what it sends.
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x09), *range(0x0a, 0x20), 0x7f,
+                                       *range(0x80, 0xa0))}
+
+
+def printable(line: str) -> str:
+    """A console line with its control characters shown as \\xNN (a trailing CR dropped)."""
+    return line.rstrip("\r").translate(_CONTROL)
+
+
 def _read_log(path: Path, *, follow: bool, lines: int | None) -> Iterator[str]:
-    """The log's lines (the last `lines`), then with `follow` new ones as they come."""
+    """The log's lines (the last `lines`), then with `follow` new ones as they come; control
+    characters escaped (printable())."""
+    return map(printable, _raw_log(path, follow=follow, lines=lines))
+
+
+def _raw_log(path: Path, *, follow: bool, lines: int | None) -> Iterator[str]:
     try:
         fh = open(path, "rb")
     except FileNotFoundError:
@@ -339,12 +355,13 @@ def _read_log(path: Path, *, follow: bool, lines: int | None) -> Iterator[str]:
         fh = open(path, "rb")
     with fh:
         text = fh.read().decode(errors="replace")
-        existing = text.splitlines()
-        partial = "" if text.endswith("\n") or not existing else existing.pop()
-        yield from (existing[-lines:] if lines is not None else existing) if lines != 0 else []
+        existing = text.split("\n")
+        partial = existing.pop()  # "" after a final newline
+        if not follow and partial:
+            existing.append(partial)  # the last line, even unfinished
+            partial = ""
+        yield from (existing[-lines:] if lines else [] if lines == 0 else existing)
         if not follow:
-            if partial:
-                yield partial
             return
         while True:
             chunk = fh.read()

@@ -379,3 +379,14 @@ def test_doctor_state_dir_space(tmp_path, monkeypatch):
     monkeypatch.setattr(doctor, "MIN_FREE_BYTES", 1 << 62)
     check = doctor.check_runner_state(tmp_path / "a" / "b")
     assert check.status == "fail" and "XDG_DATA_HOME" in check.fix
+
+
+def test_logs_escape_what_the_guest_prints(tmp_path):
+    """The console is the guest's output: an escape sequence must not reach the terminal."""
+    host = RunnerHost(root=tmp_path)
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "console.log").write_bytes(
+        b"ok line\r\n\x1b]0;owned\x07\x1b[2J title\n\xc2\x9b31m c1\n\tkept tab\npartial")
+    assert list(host.logs("g")) == ["ok line", "\\x1b]0;owned\\x07\\x1b[2J title",
+                                    "\\x9b31m c1", "\tkept tab", "partial"]
+    assert list(host.logs("g", lines=2)) == ["\tkept tab", "partial"]
