@@ -31,6 +31,7 @@ invocation to $MARINER_FAKEHOST_LOG (prog, argv, cwd), like the other fakes.
 
 Knobs: MARINER_FAKE_BUILD_FAIL / _BUILD_DELAY (the build, as for microvm), _BOOT_DELAY (sshd
 starts this much later), _BOOT_FAIL=1 (the kernel panics: QEMU exits 1),
+MARINER_FAKE_IGNORE_POWER_BUTTON=1 (a guest that ignores Ctrl-Alt-Del: only SIGTERM stops it),
 MARINER_FAKE_NIX_FEATURES (the experimental features of the fake's "nix.conf", default none).
 """
 
@@ -288,7 +289,8 @@ def _serve_qmp(qmp: socket.socket) -> None:
                 continue
             data = sock.recv(65536)
             if not data:
-                clients.pop(sock).close()
+                del clients[sock]
+                sock.close()
                 continue
             buffer = clients[sock] + data
             *lines, clients[sock] = buffer.split(b"\n")
@@ -301,7 +303,8 @@ def _serve_qmp(qmp: socket.socket) -> None:
                         (message.get("arguments") or {}).get("events", [])
                         if e.get("type") == "key" and e["data"].get("down")}
                 if message.get("execute") == "input-send-event" and \
-                        {"ctrl", "alt", "delete"} <= keys:
+                        {"ctrl", "alt", "delete"} <= keys and \
+                        os.environ.get("MARINER_FAKE_IGNORE_POWER_BUTTON") != "1":
                     for conn in clients:  # QEMU closes every QMP connection as it exits
                         conn.close()
                     return

@@ -223,6 +223,20 @@ def test_start_runs_virtiofsd_first_then_qemu_in_the_state_dir_and_stop_is_clean
     host.stop(name)
 
 
+def test_a_guest_that_ignores_the_power_button_is_terminated_after_the_timeout(vm, monkeypatch):
+    monkeypatch.setenv("MARINER_FAKE_IGNORE_POWER_BUTTON", "1")
+    host, name, port = vm["backend"], vm["name"], vm["port"]
+    host.create(name, vm["flake"])
+    host.start(name)
+    wait_for(lambda: port_open(port), 20, "the guest's sshd")
+    started = time.monotonic()
+    host.stop(name, timeout=4)
+    assert time.monotonic() - started < 25
+    assert host.status(name).unit == "inactive" and not port_open(port)
+    log = "\n".join(host.logs(name))
+    assert "terminating on signal 15" in log and "stopped" in log.splitlines()[-1]
+
+
 def test_a_crash_is_failed_with_the_console_tail_and_start_recovers(vm):
     host, name, port = vm["backend"], vm["name"], vm["port"]
     host.create(name, vm["flake"])
