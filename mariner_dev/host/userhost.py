@@ -83,6 +83,16 @@ class RunnerHost(HostBackend):
     def vm_dir(self, name: str) -> Path:
         return self.root / check_vm_name(name)
 
+    def check_usable(self) -> None:
+        """Nix on PATH and /dev/kvm read-write for this user: what every runner-mode VM needs
+        (`mariner doctor` checks the rest: user namespaces, newuidmap, disk space)."""
+        from .choice import runner_missing
+
+        missing = runner_missing()
+        if missing:
+            raise HostError(f"the runner backend cannot run VMs here: no {', '.join(missing)}",
+                            hint="`mariner doctor` says how to fix it")
+
     # -- building -------------------------------------------------------------------------
 
     def create(self, name: str, flake_dir: Path, *, timeout: float | None = None) -> None:
