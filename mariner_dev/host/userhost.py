@@ -86,12 +86,13 @@ class RunnerHost(HostBackend):
     def check_usable(self) -> None:
         """Nix on PATH and /dev/kvm read-write for this user: what every runner-mode VM needs
         (`mariner doctor` checks the rest: user namespaces, newuidmap, disk space)."""
+        from ..errors import HostUnavailable
         from .choice import runner_missing
 
         missing = runner_missing()
         if missing:
-            raise HostError(f"the runner backend cannot run VMs here: no {', '.join(missing)}",
-                            hint="`mariner doctor` says how to fix it")
+            raise HostUnavailable(f"the runner backend cannot run VMs here: no "
+                                  f"{', '.join(missing)}")
 
     # -- building -------------------------------------------------------------------------
 

@@ -404,3 +404,15 @@ def test_logs_escape_what_the_guest_prints(tmp_path):
     assert list(host.logs("g")) == ["ok line", "\\x1b]0;owned\\x07\\x1b[2J title",
                                     "\\x9b31m c1", "\tkept tab", "partial"]
     assert list(host.logs("g", lines=2)) == ["\tkept tab", "partial"]
+
+
+def test_preflight_names_what_runner_mode_lacks(monkeypatch):
+    from mariner_dev.errors import HostUnavailable
+
+    monkeypatch.setattr(choice, "runner_missing", lambda: ["read-write access to /dev/kvm"])
+    with pytest.raises(HostUnavailable, match="runner backend cannot run VMs here: no "
+                                              "read-write access to /dev/kvm") as info:
+        RunnerHost().preflight()
+    assert "mariner doctor" in info.value.hint
+    monkeypatch.setattr(choice, "runner_missing", lambda: [])
+    RunnerHost().preflight()
