@@ -342,7 +342,7 @@ def test_doctor_on_the_runner_backend(monkeypatch):
     assert report.backend == "runner"
     names = [c.name for c in report.checks]
     assert names == ["backend", "kvm", "nix", "vhost-vsock", "user-namespaces", "newuidmap",
-                     "state-dir", "user-net-loopback"]
+                     "state-dir", "user-net-loopback", "mariner-home", "runtime-dir"]
     assert "microvm" not in names and "sudo" not in names and "bridge" not in names
     for check in report.checks:
         assert "could not run this check" not in check.detail
