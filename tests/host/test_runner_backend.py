@@ -406,6 +406,19 @@ def test_logs_escape_what_the_guest_prints(tmp_path):
     assert list(host.logs("g", lines=2)) == ["\tkept tab", "partial"]
 
 
+def test_preflight_without_kvm(monkeypatch, tmp_path):
+    from mariner_dev.errors import HostUnavailable
+
+    monkeypatch.setenv("MARINER_KVM", str(tmp_path / "no-kvm"))
+    with pytest.raises(HostUnavailable, match="no .*no-kvm"):
+        RunnerHost().preflight()
+    (tmp_path / "no-kvm").write_text("")
+    (tmp_path / "no-kvm").chmod(0o400)
+    if os.geteuid() != 0:  # root may write it anyway
+        with pytest.raises(HostUnavailable, match="read-write access"):
+            RunnerHost().preflight()
+
+
 def test_preflight_names_what_runner_mode_lacks(monkeypatch):
     from mariner_dev.errors import HostUnavailable
 

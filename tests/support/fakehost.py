@@ -161,6 +161,9 @@ def fakehost(monkeypatch, tmp_path) -> FakeHost:
     (tmp_path / "vsock-cids").mkdir(exist_ok=True)
     monkeypatch.setenv("MARINER_FAKE_VSOCK_DIR", str(tmp_path / "vsock-cids"))
     monkeypatch.delenv("MARINER_VHOST_VSOCK", raising=False)
+    # the fake runner needs no KVM: the runner backend's preflight is told of a usable one
+    (tmp_path / "kvm").write_text("")
+    monkeypatch.setenv("MARINER_KVM", str(tmp_path / "kvm"))
     monkeypatch.setenv("PATH", f"{FAKEHOST_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     for knob in ("MARINER_FAKE_BUILD_FAIL", "MARINER_FAKE_BUILD_DELAY", "MARINER_FAKE_BOOT_DELAY",
                  "MARINER_FAKE_BOOT_FAIL", "MARINER_FAKE_STOP_DELAY", "MARINER_FAKE_GUEST_USER",
