@@ -609,7 +609,8 @@ def status(cfg: ProjectConfig, *, backend: HostBackend | None = None) -> VmStatu
                      address=record.ssh_endpoint[0]) if record else {}
         return VmStatus(name=cfg.name, state=UNKNOWN, managed=record is not None,
                         project=record.project if record else str(cfg.project_dir),
-                        host_error=exc, tripwire=file_changes, **known)
+                        host_error=exc, tripwire=file_changes, backend=backend.name,
+                        **known)
     host = backend.status(cfg.name)
     if record is None:
         state = "absent" if not host.exists else _state_of(host, None)
