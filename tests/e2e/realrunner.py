@@ -54,7 +54,7 @@ def run_vm(runner: str, argv: list[str]) -> int:
         raise Refused(f"e2e runner: microvm-run takes no arguments, got {argv}")
     vm = fakelib.guest_config(runner)
     name = fakerunner._host_name(runner)
-    if fakelib.vsock_cid(vm) is not None and not os.access("/dev/vhost-vsock", os.W_OK):
+    if fakelib.vsock_cid_of(vm) is not None and not os.access("/dev/vhost-vsock", os.W_OK):
         raise Refused("qemu-system-x86_64: -device vhost-vsock-pci: vhost-vsock: failed to "
                       "open vhost device: No such file or directory")
     spec = realhost.guest_spec(name, realhost.evaluated_config(runner))

@@ -308,7 +308,7 @@ def effective_shares(vm: dict) -> list[dict]:
     return NIX_MARINER_SHARES + list(value)
 
 
-def vsock_cid(vm: dict):
+def vsock_cid_of(vm: dict):
     """microvm.vsock.cid: nix-mariner copies mariner.cid there, unless vm.nix forces it."""
     value = _get(vm, "microvm.vsock.cid", _get(vm, "mariner.cid"))
     return _content(value)
@@ -423,10 +423,11 @@ def build(name: str, flakeref: str, store: Path) -> Path:
         run.chmod(0o755)
         write_json_atomic(runner / "share" / "microvm" / "guest.json",
                           {"name": name, "flakeref": flakeref, "vm": vm})
-        # upstream's runner.nix: `echo ${vsock.cid} > $out/share/microvm/vsock-cid`;
-        # nix-mariner sets microvm.vsock.cid from mariner.cid
-        cid = _content(_get(vm, "microvm.vsock.cid")) or _get(vm, "mariner.cid")
-        (runner / "share" / "microvm" / "vsock-cid").write_text(f"{cid}\n")
+        # upstream's runner.nix: `echo ${vsock.cid} > $out/share/microvm/vsock-cid` when it
+        # is not null; nix-mariner sets microvm.vsock.cid from mariner.cid
+        cid = vsock_cid_of(vm)
+        if cid is not None:
+            (runner / "share" / "microvm" / "vsock-cid").write_text(f"{cid}\n")
     return runner
 
 

@@ -156,7 +156,7 @@ def complete_runner(runner: Path, name: str) -> None:
         tag.mkdir(parents=True)
         (tag / "socket").write_text(f"{entry.get('socket') or name + '-virtiofs-' + entry['tag'] + '.sock'}\n")
         (tag / "source").write_text(f"{entry['source']}\n")
-    cid = fakelib.vsock_cid(vm)
+    cid = fakelib.vsock_cid_of(vm)
     if cid is not None:
         (share / "vsock-cid").write_text(f"{cid}\n")
     (share / "hypervisor").write_text(f"{fakelib._get(vm, 'microvm.hypervisor', 'qemu')}\n")
@@ -203,7 +203,7 @@ def run_vm(runner: str, argv: list[str]) -> int:
             raise Refused(f"qemu-system-x86_64: -chardev socket,id=fs{len(held)},path={path}: "
                           f"Failed to connect to '{path}': {exc.strerror}")
         held.append(conn)
-    cid = fakelib.vsock_cid(vm)
+    cid = fakelib.vsock_cid_of(vm)
     vsock = _claim_vsock_cid(cid) if cid is not None else None
     for image in ("persist.img", "nix-store.img"):  # microvm.nix's createVolumesScript
         if not os.path.exists(image):

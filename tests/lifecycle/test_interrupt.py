@@ -22,6 +22,15 @@ import pytest
 
 from support.fakehost import port_open
 
+
+@pytest.fixture
+def backend(monkeypatch) -> str:
+    """These interruptions are the microvm backend's (sudo, systemd units); the runner
+    backend's are not covered here yet."""
+    monkeypatch.setenv("MARINER_BACKEND", "microvm")
+    return "microvm"
+
+
 WRAPPER = """import subprocess, sys
 # Like sudo: the command runs on when this process is SIGKILLed (sudo cannot relay SIGKILL).
 sys.exit(subprocess.Popen(sys.argv[1:], start_new_session=True).wait())

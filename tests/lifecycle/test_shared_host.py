@@ -14,6 +14,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+
+@pytest.fixture
+def backend(monkeypatch) -> str:
+    """Several users of one microvm.nix host share its state directory: the microvm backend
+    (runner-mode VMs live in each user's own directory; tests/lifecycle/test_up_vsock_cid.py)."""
+    monkeypatch.setenv("MARINER_BACKEND", "microvm")
+    return "microvm"
+
 
 
 def _microvms() -> Path:
