@@ -38,6 +38,9 @@ def test_first_up_creates_boots_and_pins(project):
     status = project.status_json()
     assert status["state"] == "running" and not status["outdated"]
     assert status["cid"] is not None and 3 <= status["cid"] <= 254
+    # no vsock on this host: the first pin was taken over TCP, and status says so
+    assert status["host_key_pinned_over"] == "tcp"
+    assert "pinned over TCP" in project.mariner("status", check=0).stdout
 
 
 def test_second_up_changes_nothing(project):
@@ -324,7 +327,7 @@ def test_up_syncs_dotfiles_on_first_boot_and_when_they_change(project):
     (home / name).write_text("[user]\n  name = dev\n")
     (home / secret).write_text("-----BEGIN PRIVATE KEY-----\nxx\n-----END PRIVATE KEY-----\n")
     try:
-        project.write(extra=f'[dotfiles]\nfiles = ["~/{name}", "~/{secret}"]\n')
+        project.user_config(f'[dotfiles]\nfiles = ["~/{name}", "~/{secret}"]\n')
         proc = project.mariner("up", check=0)
         assert (guest_home / name).read_text() == "[user]\n  name = dev\n"
         assert not (guest_home / secret).exists()
@@ -332,7 +335,7 @@ def test_up_syncs_dotfiles_on_first_boot_and_when_they_change(project):
         (guest_home / name).unlink()
         project.up_json()  # nothing changed: no sync, the guest-side deletion stays
         assert not (guest_home / name).exists()
-        project.write(extra=f'[dotfiles]\nfiles = ["~/{name}"]\n')
+        project.user_config(f'[dotfiles]\nfiles = ["~/{name}"]\n')
         project.up_json()  # [dotfiles] changed: synced again, the file restored
         assert (guest_home / name).exists()
     finally:
