@@ -10,6 +10,9 @@ is what this module shows (see tests/e2e/README.md for what the tier cannot show
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -19,8 +22,19 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def vm(module_base, e2e_image):
-    vm = make_vm(module_base, e2e_image, "e2e-ident")
+def vm(e2e_image):
+    # virtiofsd as the developer must reach the project: a base the developer can traverse
+    # (pytest's own tmp dirs are root's, 0700), as a developer's own project is theirs to reach
+    base = Path(tempfile.mkdtemp(prefix="mre2e-ident-", dir="/tmp"))
+    base.chmod(0o755)
+    try:
+        yield from _vm(base, e2e_image)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _vm(base, e2e_image):
+    vm = make_vm(base, e2e_image, "e2e-ident")
     vm.env["MARINER_E2E_VIRTIOFSD"] = "developer"
     # a host file in the project that is not the developer's (root's, private)
     secret = vm.project / "root-only"
@@ -32,6 +46,15 @@ def vm(module_base, e2e_image):
         yield vm
     finally:
         teardown_vm(vm)
+
+
+def _developer(vm) -> tuple[int, int]:
+    """The ids mariner serves the shares with: the developer's (the project's owner here)."""
+    from mariner_dev.developer import developer
+
+    dev = developer(vm.project)
+    assert dev.uid == GUEST_UID
+    return dev.uid, dev.gid
 
 
 def _ids(pid: int) -> tuple[int, int]:
@@ -47,7 +70,7 @@ def test_the_share_daemons_run_as_the_developer(vm):
     assert daemons
     for pid in daemons:
         # setpriv execs unshare execs sh execs virtiofsd: the pid is the daemon's
-        assert _ids(pid) == (GUEST_UID, vm.gid), pid
+        assert _ids(pid) == _developer(vm), pid
 
 
 def test_a_file_guest_root_creates_belongs_to_the_developer(vm):
@@ -56,7 +79,7 @@ def test_a_file_guest_root_creates_belongs_to_the_developer(vm):
     for path in (vm.project / "made-by-root", vm.project / "dir-by-root",
                  vm.project / "dir-by-root" / "inner"):
         st = path.stat()
-        assert (st.st_uid, st.st_gid) == (GUEST_UID, vm.gid), path
+        assert (st.st_uid, st.st_gid) == _developer(vm), path
     assert (vm.project / "made-by-root").read_text() == "by-root\n"
 
 
@@ -64,7 +87,7 @@ def test_guest_root_cannot_chown_to_root_or_touch_what_the_developer_cannot(vm):
     readme = vm.project / "README"
     vm.guest(f"sudo -n chown 0:0 {vm.workspace}/README", check=False)
     st = readme.stat()
-    assert (st.st_uid, st.st_gid) == (GUEST_UID, vm.gid)    # not root's on the host
+    assert (st.st_uid, st.st_gid) == (GUEST_UID, vm.gid)    # still the developer's, not root's
     secret = vm.project / "root-only"
     refused = vm.guest(f"sudo -n chmod 0666 {vm.workspace}/root-only", check=False)
     assert refused.returncode != 0

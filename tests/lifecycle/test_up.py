@@ -43,6 +43,19 @@ def test_first_up_creates_boots_and_pins(project):
     assert "pinned over TCP" in project.mariner("status", check=0).stdout
 
 
+def test_up_pins_a_running_vm_that_has_no_pin(project):
+    """An `up` interrupted between start and first contact leaves a running VM unpinned: the
+    next `up` takes the pin (over vsock where it can) instead of leaving exec refused."""
+    project.up_json()
+    known_hosts = Path(os.environ["MARINER_HOME"]) / "known_hosts"
+    known_hosts.unlink()
+    project.clear_log()
+    result = project.up_json()
+    assert not (result["created"] or result["started"]) and project.changing_calls() == []
+    assert f"mariner-{project.name} " in known_hosts.read_text()
+    assert project.mariner("exec", "--", "true", env={"MARINER_AGENT": "off"}).returncode == 0
+
+
 def test_second_up_changes_nothing(project):
     project.up_json()
     project.clear_log()
