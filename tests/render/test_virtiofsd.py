@@ -319,3 +319,28 @@ def test_the_guests_sshd_listens_on_vsock(rig):
     result = evaluate(flake, bins=bins, cid="lib.mkForce null",
                       extra="[ { microvm.vsock.ssh.enable = lib.mkForce false; } ]")
     assert result["failed"] == [] and result["vsockSsh"] is False
+
+
+def test_through_the_whole_module_set(rig):
+    """The same render through nix-mariner's and microvm.nix's whole module set (the fast
+    suite's real-module evaluation): no failed assertion, mariner's script wins over the
+    supervisord one, one virtiofsd per virtiofs share as the developer, sshd on vsock."""
+    from support.upstream import evaluate_one
+
+    base, bins, record, project = rig
+    _, flake = render(project, base / "flake", DEV)
+    result = evaluate_one(flake)
+    assert result["failedAssertions"] == []
+    assert result["vsockSsh"] is True and result["cid"] == 9
+    assert "supervisord" not in result["virtiofsdRunText"]
+    assert "--reuid=4242 --regid=4343" in result["virtiofsdRunText"]
+    virtiofs = [s for s in result["shares"] if s["proto"] == "virtiofs"]
+    assert sorted(result["virtiofsd"]) == sorted(s["tag"] for s in virtiofs)
+    for share in virtiofs:
+        argv = result["virtiofsd"][share["tag"]]
+        assert argv[0] == "/nix/store/stub-virtiofsd/bin/virtiofsd"
+        assert f"--shared-dir={share['source']}" in argv
+        assert share["socket"].startswith("/run/mariner-virtiofs/vfs/")
+        assert "--translate-uid=squash-guest:0:4242:4294967295" in argv
+        assert "--posix-acl" not in argv
+        assert ("--readonly" in argv) == share["readOnly"]
