@@ -29,8 +29,10 @@ DEFAULT_MARINER_FLAKE = f"github:mksafavi/nix-mariner/{MARINER_REV}"
 
 # Keys a per-user config may set: personal settings that do not belong in a committed file.
 USER_KEYS = {"dotfiles": None, "ssh": None, "host": None, "vm": {"uid", "gid"}}
-# Tables only the per-user config may hold: which backend runs VMs belongs to the machine.
-USER_ONLY = ("host",)
+# Tables only the per-user config may hold: which of the developer's files and credentials
+# reach the VM, and how the host runs it, are the developer's decision, never a repository's
+# (a cloned mariner.toml, or one the VM rewrote through the shared project directory).
+PER_USER_ONLY = ("dotfiles", "ssh", "host")
 
 DEFAULT_CPUS = 2
 DEFAULT_MEMORY_MIB = 4096   # nix-mariner's own default (modules/vm.nix)
@@ -239,6 +241,24 @@ def _check_user_keys(source: _Source, problems: _Problems) -> None:
                                  f"per-user config may set only vm.uid and vm.gid", True)
 
 
+def _check_per_user_only(source: _Source, user_file: Path, problems: _Problems) -> None:
+    """A project file's [dotfiles], [ssh] and [host] are errors, and are then ignored."""
+    for table in PER_USER_ONLY:
+        if table in source.data:
+            problems.add(source, (table,), f"[{table}] is accepted only in your per-user config "
+                         f"{user_file}: a project's {CONFIG_NAME} (which a cloned repository or "
+                         f"the VM itself can write) must not decide "
+                         f"{_PER_USER_WHY[table]}; move the table there", True)
+            del source.data[table]
+
+
+_PER_USER_WHY = {
+    "dotfiles": "which of your files are copied into the VM",
+    "ssh": "which key logs in or whether your ssh-agent is reachable from the VM",
+    "host": "how the host runs VMs",
+}
+
+
 def load_project(start: Path | None = None, *, project_dir: Path | None = None,
                  config_file: Path | None = None) -> m.ProjectConfig:
     """Find, read and validate a project's config (plus the per-user one) into a ProjectConfig.
@@ -263,6 +283,8 @@ def load_project(start: Path | None = None, *, project_dir: Path | None = None,
     user_file = paths.user_config_file()
     # A directory or a broken link in its place is reported, not silently ignored.
     user = _read(user_file, problems) if user_file.exists() or user_file.is_symlink() else None
+    if project is not None:
+        _check_per_user_only(project, user_file, problems)
     schema = load_schema()
     poisoned: set[tuple] = set()
 
@@ -381,8 +403,23 @@ class _Resolver:
             path = (base or self.source_of(*key).file.parent) / path
         return Path(os.path.normpath(path))
 
+    def share_refusal(self, directory: Path) -> str | None:
+        """Why `directory` may not be shared with the VM (share_policy), or None."""
+        from .developer import developer
+        from .share_policy import refusal
+
+        dev = developer(self.project_dir)
+        return refusal(directory, dev.uid, [self.home, dev.home])
+
     # -- sections ---------------------------------------------------------------------------
     def resolve(self) -> m.ProjectConfig:
+        why = self.share_refusal(self.project_dir)
+        if why is not None:
+            # The project directory is always shared read-write: the same allowlist applies.
+            self.problems.items.append(ConfigProblem(
+                str(self.project.file), None, None, "",
+                f"the project directory {self.project_dir} cannot be shared with the VM: {why}; "
+                f"keep the project in a directory of its own"))
         vm = self.vm()
         backend = self.backend()
         network = self.network(vm, backend)
@@ -474,15 +511,9 @@ class _Resolver:
 
     def backend(self) -> str:
         """The host backend (`microvm` | `runner`) from MARINER_BACKEND or the per-user
-        [host] backend; a [host] table in the project file is refused."""
+        [host] backend (a project file's [host] is refused by _check_per_user_only)."""
         from .host.choice import choose
 
-        for table in USER_ONLY:
-            if table in self.project.data:
-                self.problems.add(self.project, (table,), f"[{table}] belongs in the per-user "
-                                  f"config ({self.user.file if self.user else 'config.toml'}), "
-                                  f"not in a project's {CONFIG_NAME}: a repository must not "
-                                  f"decide how this machine runs VMs", True)
         setting = None
         if self.user is not None and not self.rejected("host", "backend"):
             setting = (self.user.data.get("host") or {}).get("backend")
@@ -537,6 +568,8 @@ class _Resolver:
                 self.error(key + ("source",), f"{source} does not exist")
             elif not source.is_dir():
                 self.error(key + ("source",), f"{source} is not a directory")
+            elif (why := self.share_refusal(source)) is not None:
+                self.error(key + ("source",), f"{source} cannot be shared with the VM: {why}")
             target = _norm_guest(entry["target"])
             if target == "/":
                 self.error(key + ("target",), "cannot mount over the guest's root directory")
@@ -562,7 +595,7 @@ class _Resolver:
                 tag = _derive_tag(target, set(tags))
             tags.setdefault(tag, index)
             out.append(m.Share(source=source, target=target,
-                               readonly=bool(entry.get("readonly", False)), tag=tag))
+                               readonly=bool(entry.get("readonly", True)), tag=tag))
         return tuple(out)
 
     def nix(self) -> m.NixSettings:
@@ -658,8 +691,34 @@ class _Resolver:
                 self.error(("ssh", "identity"), f"{identity}.pub does not exist; mariner "
                            f"authorizes the public half in the guest "
                            f"(create it with `ssh-keygen -y -f {identity} > {identity}.pub`)")
-        return m.SshSettings(identity=identity,
-                             forward_agent=bool(self.get("ssh", "forward_agent", default=False)))
+        return m.SshSettings(identity=identity, forward_agent=self.forward_agent())
+
+    def forward_agent(self) -> bool:
+        """Whether this project's VM may use the developer's ssh-agent: only when the per-user
+        [ssh] forward_agent lists this project's directory (never every VM at once)."""
+        raw = self.get("ssh", "forward_agent", default=[])
+        if raw is True:
+            self.error(("ssh", "forward_agent"), "true would hand your ssh-agent to every VM; "
+                       "list the projects whose VM may use it instead "
+                       f'(e.g. ["{_tilde(self.project_dir, self.home)}"])')
+            return False
+        if raw is False:
+            return False
+        here = os.path.realpath(self.project_dir)
+        allowed = False
+        for index, item in self.elements("ssh", "forward_agent"):
+            path = self.path_value(item, ("ssh", "forward_agent", index), base=self.home)
+            if os.path.realpath(path) == here:
+                allowed = True
+        return allowed
+
+
+def _tilde(path: Path, home: Path) -> str:
+    """`path` spelled with ~ when it is under `home` (for suggestions)."""
+    try:
+        return "~/" + path.relative_to(home).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _norm_guest(path: str) -> str:

@@ -543,6 +543,9 @@ class VmStatus:
     # project files the host runs, changed since `mariner trust` (tripwire.Change.to_json)
     tripwire: list[dict] = field(default_factory=list)
     backend: str | None = None     # the host backend that runs it: "microvm" | "runner"
+    # How the guest's host key was pinned: "vsock" (unspoofable), "tcp" (vsock unavailable at
+    # first contact), None (not pinned yet, or pinned before mariner recorded it)
+    host_key_pinned_over: str | None = None
 
     def to_json(self) -> dict:
         return {"name": self.name, "state": self.state, "project": self.project,
@@ -551,7 +554,8 @@ class VmStatus:
                 "changed_keys": self.changed_keys, "restart_pending": self.restart_pending,
                 "address": self.address, "ssh_port": self.ssh_port, "cid": self.cid,
                 "uptime": self.uptime, "forwards": self.forwards, "agent": self.agent,
-                "notes": self.notes, "tripwire": self.tripwire}
+                "notes": self.notes, "tripwire": self.tripwire,
+                "host_key_pinned_over": self.host_key_pinned_over}
 
 
 def _state_of(host: HostVmStatus, record: VmRecord | None, probe: bool = True) -> str:
@@ -637,6 +641,10 @@ def status(cfg: ProjectConfig, *, backend: HostBackend | None = None) -> VmStatu
     if settled is not None:
         result.notes[:0] = settled.notes + (settled.warnings if result.outdated else [])
     result.notes += _approval_notes(cfg)
+    from .remote.target import alias_for
+    from .remote.trust import pin_channel
+
+    result.host_key_pinned_over = pin_channel(paths.known_hosts_file(), alias_for(cfg.name))
     return result
 
 

@@ -57,9 +57,6 @@ packages = ["git"]          # nixpkgs attribute paths, e.g. "python312Packages.p
 [env]                       # lands in the world-readable Nix store: secrets go through `exec -e`
 # DATABASE_URL = "postgres://localhost/app"
 
-# [dotfiles]                # better kept in ~/.config/mariner/config.toml
-# files = ["~/.gitconfig"]
-
 [hooks]
 # post_create = "make deps"     # once, after the first successful boot
 # post_start = "make migrate"   # after every start
@@ -67,9 +64,8 @@ packages = ["git"]          # nixpkgs attribute paths, e.g. "python312Packages.p
 [ports]
 # forward = [8000, "15432:5432"]
 
-# [ssh]
-# identity = "~/.ssh/id_ed25519"   # default: a key mariner generates
-# forward_agent = false
+# Your dotfiles and SSH settings ([dotfiles], [ssh]) go in your per-user config,
+# ~/.config/mariner/config.toml, never here: a repository must not choose what leaves your account.
 """
 
 
@@ -205,14 +201,23 @@ def render_for(cfg, record, inputs=None, *, built: bool = True) -> "RenderedFlak
 
     For a VM that exists (`built`), what cannot apply to it is kept as it was built
     (drift.settle): such changes are not drift."""
+    from .developer import developer
     from .drift import settle
     from .keys import public_key_for
-    from .nixrender import render_flake
+    from .nixrender import ShareIdentity, render_flake
 
     if built:
         cfg = settle(cfg, record.built_config).cfg
+    # virtiofsd serves the shares as the developer; the guest user has the [vm] uid/gid. On the
+    # runner backend virtiofsd already runs as the user (no root to drop), so upstream's
+    # virtiofsd-run stays.
+    ids = None
+    if cfg.backend != "runner":
+        dev = developer(cfg.project_dir)
+        ids = ShareIdentity(uid=dev.uid, gid=dev.gid, guest_uid=cfg.vm.uid,
+                            guest_gid=cfg.vm.gid)
     return render_flake(cfg, cid=record.cid, ssh_port=record.ssh_port,
-                        public_key=public_key_for(cfg), inputs=inputs)
+                        public_key=public_key_for(cfg), inputs=inputs, share_identity=ids)
 
 
 def render_project(cfg, out: Path | None = None) -> RenderResult:

@@ -125,20 +125,24 @@ def test_a_plain_user_is_the_developer_and_sudo_variables_do_not_change_that(tmp
         assert (dev.uid, dev.gid) == (os.getuid(), os.getgid())
 
 
-def write_project(directory: Path, text: str = "") -> Path:
+def write_project(directory: Path, text: str = "", owner: int | None = None) -> Path:
     (directory / "mariner.toml").write_text(text)
+    if owner is not None and AS_ROOT:
+        # the developer's project is theirs: shares (the project included) must be
+        os.chown(directory, owner, owner)
     return directory
 
 
 def test_the_guest_user_defaults_to_the_developers_ids(as_root, monkeypatch, tmp_path):
     monkeypatch.setenv("SUDO_UID", "1234")
     monkeypatch.setenv("SUDO_GID", "2345")
-    cfg = load_project(project_dir=write_project(tmp_path))
+    cfg = load_project(project_dir=write_project(tmp_path, owner=1234))
     assert (cfg.vm.uid, cfg.vm.gid) == (1234, 2345)
 
 
 def test_vm_uid_and_gid_override_the_developer(as_root, monkeypatch, tmp_path):
     monkeypatch.setenv("SUDO_UID", "1234")
     monkeypatch.setenv("SUDO_GID", "2345")
-    cfg = load_project(project_dir=write_project(tmp_path, "[vm]\nuid = 1500\ngid = 100\n"))
+    cfg = load_project(project_dir=write_project(tmp_path, "[vm]\nuid = 1500\ngid = 100\n",
+                                                 owner=1234))
     assert (cfg.vm.uid, cfg.vm.gid) == (1500, 100)

@@ -68,6 +68,10 @@ def _print_status(result) -> None:
     if result.cid is not None:
         lines.append(f"cid:      {result.cid}")
     lines.append(f"uptime:   {_uptime(result.uptime)}")
+    if result.host_key_pinned_over == "vsock":
+        lines.append("host key: pinned over vsock (first contact by cid, not spoofable)")
+    elif result.host_key_pinned_over == "tcp":
+        lines.append("host key: pinned over TCP (vsock was unavailable at first contact)")
     for index, forward in enumerate(result.forwards):
         label = "forwards:" if index == 0 else ""
         lines.append(f"{label:<10}{_forward_line(forward)}")

@@ -76,9 +76,30 @@ def _vsock_available(target: GuestTarget) -> bool:
         and os.path.exists("/dev/vsock")
 
 
-async def _open_socket(target: GuestTarget, timeout: float) -> tuple[socket.socket, str]:
+async def _first_contact_vsock(target: GuestTarget, timeout: float) -> socket.socket | None:
+    """A vsock connection to the guest's sshd for taking the first host-key pin, or None when
+    vsock is unavailable here or the guest's sshd does not answer on it (then TCP pins).
+
+    The host kernel routes AF_VSOCK by cid to the one VM holding it: nothing else on the bridge
+    can answer for the guest, as it could for 10.0.0.<cid>."""
+    if transport_preference() == "tcp" or not _vsock_available(target):
+        return None
+    try:
+        return await _connect_socket(socket.AF_VSOCK, (target.vsock_cid, VSOCK_SSH_PORT),
+                                     min(timeout, 2.0))
+    except (OSError, asyncio.TimeoutError):
+        return None
+
+
+async def _open_socket(target: GuestTarget, timeout: float,
+                       first_contact: bool = False) -> tuple[socket.socket, str]:
     """The transport: TCP (bridge address or user-mode loopback port) when it answers, else
-    AF_VSOCK to the guest's cid; MARINER_TRANSPORT=tcp|vsock forces one."""
+    AF_VSOCK to the guest's cid; MARINER_TRANSPORT=tcp|vsock forces one. For `first_contact`
+    (no pin yet), vsock first wherever the guest answers there."""
+    if first_contact:
+        sock = await _first_contact_vsock(target, timeout)
+        if sock is not None:
+            return sock, f"vsock cid {target.vsock_cid}"
     pref = transport_preference()
     errors = []
     if pref != "vsock" and target.host is not None:
@@ -124,7 +145,8 @@ async def connect(target: GuestTarget, *, pin: bool = False, trust_new: bool = F
     the presented key and pins it after authentication succeeds; otherwise it is refused.
     """
     keepalive = KEEPALIVE if keepalive is None else keepalive
-    pinned = [] if trust_new else pinned_keys(target.known_hosts, target.alias)
+    previous = pinned_keys(target.known_hosts, target.alias)
+    pinned = [] if trust_new else previous
     if pinned:
         known_hosts = ([asyncssh.import_public_key(k) for k in pinned], [], [])
     elif pin or trust_new:
@@ -137,7 +159,7 @@ async def connect(target: GuestTarget, *, pin: bool = False, trust_new: bool = F
         connect_timeout=timeout, login_timeout=timeout,
         keepalive_interval=keepalive, keepalive_count_max=3,
         **_identity_options(target))
-    sock, where = await _open_socket(target, timeout)
+    sock, where = await _open_socket(target, timeout, first_contact=not pinned)
     try:
         conn = await asyncssh.connect(target.host or target.alias, target.port, sock=sock,
                                       **options)
@@ -153,8 +175,31 @@ async def connect(target: GuestTarget, *, pin: bool = False, trust_new: bool = F
     if not pinned:
         key = conn.get_server_host_key()
         if key is not None:
-            pin_host_key(target.known_hosts, target.alias, key.export_public_key().decode())
+            new = key.export_public_key().decode().strip()
+            channel = "vsock" if where.startswith("vsock") else "tcp"
+            if trust_new:
+                announce_repin(target.name, previous, new, channel)
+            pin_host_key(target.known_hosts, target.alias, new, channel)
     return conn
+
+
+def announce_repin(name: str, previous: list[str], new: str, channel: str) -> None:
+    """--trust-new-host-key: the old and new fingerprints on stderr, before the new pin."""
+    import sys
+
+    from .trust import fingerprint
+
+    new_print = fingerprint(new)
+    if not previous:
+        line = f"VM {name}: pinning host key {new_print} (over {channel}; none was pinned)"
+    elif [" ".join(k.split()[:2]) for k in previous] == [" ".join(new.split()[:2])]:
+        line = f"VM {name}: host key unchanged ({new_print}); pinned over {channel}"
+    else:
+        old_prints = ", ".join(fingerprint(k) for k in previous)
+        line = (f"VM {name}: host key changed: old {old_prints}, new {new_print}; "
+                f"re-pinning the new key (over {channel})")
+    sys.stderr.write(f"mariner: {line}\n")
+    sys.stderr.flush()
 
 
 async def wait_until_ready(target: GuestTarget, timeout: float, pin: bool,

@@ -2,6 +2,13 @@
 
 The file is in OpenSSH's format, so the generated ssh-config can point `UserKnownHostsFile` at
 it together with `HostKeyAlias mariner-<name>` and `StrictHostKeyChecking yes`.
+
+The attack on first contact: on the bridge, any VM (or anything on br-microvm) can answer for
+10.0.0.<cid> before the new guest's sshd does, and whatever key it shows would be pinned. Over
+AF_VSOCK the host kernel routes by cid to the one VM that holds it, so the first pin is taken
+over vsock wherever the guest's sshd answers there (`microvm.vsock.ssh.enable`), and over TCP
+only where vsock is unavailable. The line records which (`pinned-over=vsock|tcp`, after the
+key, where OpenSSH reads a comment) and `status` says it.
 """
 
 from __future__ import annotations
@@ -28,6 +35,29 @@ def _hosts_of(line: str) -> list[str]:
     return stripped.split()[0].split(",")
 
 
+PIN_COMMENT = "pinned-over="
+CHANNELS = ("vsock", "tcp")
+
+
+def pin_channel(known_hosts: Path, alias: str) -> str | None:
+    """How the pin of `alias` was taken: "vsock", "tcp", or None (no pin, or not recorded)."""
+    for line in _lines(known_hosts):
+        if alias in _hosts_of(line):
+            for word in line.split()[3:]:
+                if word.startswith(PIN_COMMENT) and word[len(PIN_COMMENT):] in CHANNELS:
+                    return word[len(PIN_COMMENT):]
+    return None
+
+
+def fingerprint(key: str) -> str:
+    """OpenSSH's SHA256 fingerprint of a 'type base64' key (what `ssh-keygen -l` prints)."""
+    import base64
+    import hashlib
+
+    blob = base64.b64decode(key.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
 def pinned_keys(known_hosts: Path, alias: str) -> list[str]:
     """The pinned host keys of `alias` as 'type base64' strings (empty when not pinned)."""
     keys = []
@@ -48,10 +78,12 @@ def _rewrite(known_hosts: Path, alias: str, new_key: str | None) -> None:
         write_atomic(known_hosts, "".join(line + "\n" for line in kept), mode=0o600)
 
 
-def pin_host_key(known_hosts: Path, alias: str, key: str) -> None:
-    """Pin `key` ('type base64') for `alias`, replacing any earlier pin."""
+def pin_host_key(known_hosts: Path, alias: str, key: str, channel: str | None = None) -> None:
+    """Pin `key` ('type base64') for `alias`, replacing any earlier pin; `channel` records
+    whether it was learnt over vsock or TCP."""
     fields = key.split()
-    _rewrite(known_hosts, alias, f"{fields[0]} {fields[1]}")
+    comment = f" {PIN_COMMENT}{channel}" if channel in CHANNELS else ""
+    _rewrite(known_hosts, alias, f"{fields[0]} {fields[1]}{comment}")
 
 
 def forget_host_key(name: str, known_hosts: Path | None = None) -> None:

@@ -1,8 +1,12 @@
 """Which host files are private keys or credentials, and so stay on the host unless allowed.
 
-The VM runs untrusted code: a key synced into it is a key handed to that code. A file is a
-secret by its place under ~ (the well-known credential files), by its name (`*.pem`, `*.key`)
-or by its content (a PEM/OpenSSH private-key header), whatever it is called.
+The attack: the VM runs code nobody reviewed. A key, token or shell history synced into it is
+handed to that code (and from there to whoever it talks to). So `[dotfiles] files` never
+copies a file that is a secret by its place under ~ (the well-known credential stores, private
+keys under ~/.ssh, shell and REPL histories), by its name (`*.pem`, `*.key`) or by its content
+(a private-key header, a token of a well-known shape), whatever it is called, unless
+`[dotfiles] allow` (per-user config only) names it. `validate` and `sync --dry-run` name each
+refused file and why. This module is the whole policy: the sync engine only asks it.
 """
 
 from __future__ import annotations
@@ -11,26 +15,59 @@ import fnmatch
 import re
 
 # Files under ~/.ssh that hold nothing private; everything else there is treated as private.
-SSH_PUBLIC_NAMES = frozenset({"config", "known_hosts", "known_hosts.old", "authorized_keys",
-                              "authorized_keys2", "allowed_signers", "environment", "rc"})
+SSH_PUBLIC_NAMES = frozenset({"config", "known_hosts", "known_hosts.old"})
 
 # (pattern on the path relative to ~, what it is): fnmatch patterns, `*` crosses `/`.
 KNOWN_CREDENTIALS: tuple[tuple[str, str], ...] = (
-    (".aws/credentials", "AWS credentials"),
+    (".aws/*", "AWS credentials and settings (~/.aws)"),
     (".netrc", "a netrc with login passwords"),
     (".docker/config.json", "Docker registry credentials"),
     (".git-credentials", "git credentials"),
+    (".config/git/credentials", "git credentials"),
     (".config/gh/hosts.yml", "a GitHub CLI token"),
     (".kube/config", "Kubernetes credentials"),
-    (".gnupg/private-keys-v1.d/*", "a GnuPG private key"),
-    (".gnupg/secring.gpg", "a GnuPG secret keyring"),
-    (".gnupg/openpgp-revocs.d/*", "a GnuPG revocation certificate"),
+    (".gnupg/*", "GnuPG keys and trust data (~/.gnupg)"),
+    (".password-store/*", "a pass password store"),
+    (".npmrc", "an npm config (it holds registry tokens)"),
+    (".pypirc", "a PyPI config (it holds upload tokens)"),
+    (".config/hub", "a hub token"),
+    (".cargo/credentials", "crates.io credentials"),
+    (".cargo/credentials.toml", "crates.io credentials"),
+    (".gem/credentials", "RubyGems credentials"),
+    (".config/gcloud/*", "Google Cloud credentials"),
+    (".azure/*", "Azure credentials"),
+    (".vault-token", "a Vault token"),
+    (".local/share/keyrings/*", "a desktop keyring"),
 )
+
+# Shell and REPL histories: what was typed, passwords and tokens pasted on command lines.
+HISTORY_NAMES = frozenset({
+    ".bash_history", ".zsh_history", ".zhistory", ".histfile", ".sh_history", ".history",
+    ".python_history", ".node_repl_history", ".psql_history", ".mysql_history",
+    ".sqlite_history", ".irb_history", ".pry_history", ".Rhistory", ".rediscli_history",
+    ".lesshst", ".viminfo", ".ghci_history", ".erlang_history", ".scala_history",
+    ".guile_history", ".ipython_history",
+})
+HISTORY_PATTERNS = (".local/share/fish/fish_history", ".config/fish/fish_history",
+                    ".ipython/profile_*/history.sqlite", ".julia/logs/repl_history.jl",
+                    ".local/share/nvim/shada/*", ".local/state/*history*",
+                    ".local/share/*history*")
 
 PRIVATE_KEY_HEADER = re.compile(
     rb"-----BEGIN ((?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?)-----")
-# A header split across two reads is still found: keep this many bytes of overlap.
-HEADER_OVERLAP = 64
+# Token shapes (the token itself is never printed, only what kind it is).
+TOKENS: tuple[tuple[re.Pattern, str], ...] = (
+    (re.compile(rb"\bgh[pousr]_[A-Za-z0-9]{36,}"), "a GitHub token (ghp_...)"),
+    (re.compile(rb"\bgithub_pat_[A-Za-z0-9_]{22,}"), "a GitHub token (github_pat_...)"),
+    (re.compile(rb"\bnpm_[A-Za-z0-9]{36}"), "an npm token (npm_...)"),
+    (re.compile(rb"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "an AWS access key id (AKIA...)"),
+    (re.compile(rb"\bxox[bpas]-[0-9A-Za-z-]{10,}"), "a Slack token (xoxb-/xoxp-...)"),
+    (re.compile(rb"_authToken\s*=\s*\S"), "a registry token (_authToken=...)"),
+    (re.compile(rb"\bglpat-[0-9A-Za-z_-]{20,}"), "a GitLab token (glpat-...)"),
+    (re.compile(rb"\bpypi-AgEIcHlwaS5vcmc[0-9A-Za-z_-]{20,}"), "a PyPI token (pypi-...)"),
+)
+# A header or token split across two reads is still found: keep this many bytes of overlap.
+HEADER_OVERLAP = 128
 
 
 def secret_by_name(rel: str) -> str | None:
@@ -46,10 +83,13 @@ def secret_by_name(rel: str) -> str | None:
             return None
         if len(parts) >= 3 and parts[1] in ("config.d", "conf.d"):
             return None
-        return "private material under ~/.ssh"
+        return "private material under ~/.ssh (only *.pub, known_hosts and config are not)"
     for pattern, what in KNOWN_CREDENTIALS:
-        if fnmatch.fnmatchcase(rel, pattern):
+        if rel == pattern.removesuffix("/*") or fnmatch.fnmatchcase(rel, pattern):
             return what
+    if name in HISTORY_NAMES or name.endswith("_history") \
+            or any(fnmatch.fnmatchcase(rel, pattern) for pattern in HISTORY_PATTERNS):
+        return "a shell or REPL history"
     lowered = name.lower()
     if lowered.endswith(".pem"):
         return "a PEM file (*.pem)"
@@ -59,17 +99,21 @@ def secret_by_name(rel: str) -> str | None:
 
 
 def secret_by_content(chunk: bytes) -> str | None:
-    """'a ... private key' when `chunk` holds a private-key header."""
+    """What secret `chunk` holds (a private-key header or a token's shape), else None."""
     match = PRIVATE_KEY_HEADER.search(chunk)
-    if match is None:
-        return None
-    return f"a file holding a private key ({match.group(1).decode()})"
+    if match is not None:
+        return f"a file holding a private key ({match.group(1).decode()})"
+    for pattern, what in TOKENS:
+        if pattern.search(chunk):
+            return f"a file holding {what}"
+    return None
 
 
 def refusal(rel: str, what: str) -> str:
     """The one-line message naming the file and the key that lets it through."""
     return (f"refused ~/{display(rel)}: it is {what}; secrets stay on the host "
-            f"(to sync it anyway: [dotfiles] allow = [\"~/{display(rel)}\"])")
+            f"(to sync it anyway: [dotfiles] allow = [\"~/{display(rel)}\"] in your per-user "
+            f"config)")
 
 
 def display(rel: str) -> str:
@@ -86,3 +130,36 @@ def display(rel: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+def file_secret(path: str) -> str | None:
+    """What secret the file at `path` holds by its content (read in chunks), else None."""
+    tail = b""
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1024 * 1024):
+            what = secret_by_content(tail + chunk)
+            if what is not None:
+                return what
+            tail = chunk[-HEADER_OVERLAP:]
+    return None
+
+
+def refused_dotfiles(settings, home) -> list[tuple[str, str]]:
+    """Every file `[dotfiles] files` names (directories walked) that a sync would refuse, as
+    (rel, one-line message): what `validate` shows before anything is copied."""
+    from .tree import FILE, AllowList, Scanner, roots_for
+
+    roots, _problems = roots_for(settings.files, home)
+    allow = AllowList.from_paths(settings.allow, home)
+    scan = Scanner(list(roots), home, allow).scan()
+    refused = list(scan.refused)
+    for rel, entry in scan.entries.items():
+        if entry.kind != FILE or allow.allows(rel):
+            continue
+        try:
+            what = file_secret(entry.source)
+        except OSError:
+            continue
+        if what is not None:
+            refused.append((rel, what))
+    return sorted((rel, refusal(rel, what)) for rel, what in refused)

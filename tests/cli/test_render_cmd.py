@@ -50,8 +50,10 @@ def test_render_to_the_default_place(run_cli, tmp_path):
 
 
 def test_render_with_out_and_user_identity(run_cli, tmp_path):
-    project = _project(tmp_path, '[vm]\nname = "api"\n[network]\nmode = "user"\n'
-                                 '[ssh]\nidentity = "~/.ssh/mine"\n')
+    project = _project(tmp_path, '[vm]\nname = "api"\n[network]\nmode = "user"\n')
+    user_config = Path(os.environ["XDG_CONFIG_HOME"]) / "mariner" / "config.toml"
+    user_config.parent.mkdir(parents=True)
+    user_config.write_text('[ssh]\nidentity = "~/.ssh/mine"\n')
     ssh = Path.home() / ".ssh"
     ssh.mkdir()
     (ssh / "mine").write_text("private")

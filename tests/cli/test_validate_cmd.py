@@ -14,15 +14,16 @@ def _project(tmp_path, text="[vm]\ncpus = 1\n", name="api"):
     return directory
 
 
-def test_valid_json_is_exactly_valid_and_config(run_cli, tmp_path):
+def test_valid_json_is_exactly_valid_config_and_refused_dotfiles(run_cli, tmp_path):
     project = _project(tmp_path)
     code, out, err = run_cli("validate", "--json", cwd=project)
     assert code == 0 and err == ""
     assert out.count("\n") == 1            # one JSON object on one line
     data = json.loads(out)
-    assert list(data) == ["version", "outcome", "valid", "config", "warnings"]
+    assert list(data) == ["version", "outcome", "valid", "config", "warnings", "dotfiles_refused"]
     assert data["valid"] is True and data["warnings"] == []
     assert data["version"] == 1 and data["outcome"] == "success"
+    assert data["dotfiles_refused"] == []   # each file [dotfiles] would refuse, and why
     assert data["config"] == load_project(project_dir=project).to_json()
     assert data["config"]["vm"]["cpus"] == 1 and data["config"]["vm"]["name"] == "api"
 

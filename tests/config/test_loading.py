@@ -221,10 +221,6 @@ source = "../sibling"
 target = "/sibling"
 [nix]
 modules = ["nix/extra.nix", "nix/dirmod"]
-[ssh]
-identity = "~/.ssh/id_test"
-[dotfiles]
-files = ["~/.gitconfig", ".config/nvim"]
 [workspace]
 mount = "/work//space/../api/"
 """)
@@ -236,20 +232,32 @@ mount = "/work//space/../api/"
     cfg = load_project(project_dir=root)
     assert [s.source for s in cfg.shares] == [home / "datasets", root / "sub", tmp_path / "sibling"]
     assert cfg.nix.modules == (root / "nix" / "extra.nix", root / "nix" / "dirmod")
-    assert cfg.ssh.identity == home / ".ssh" / "id_test"
-    assert cfg.dotfiles.files == (home / ".gitconfig", home / ".config" / "nvim")
     assert cfg.workspace_mount == "/work/api"
     assert all(p.is_absolute() for p in [*cfg.nix.modules, *(s.source for s in cfg.shares)])
 
 
+def test_user_config_paths_resolve_under_home(tmp_path):
+    home = Path.home()
+    (home / ".ssh").mkdir()
+    (home / ".ssh" / "id_test").write_text("private")
+    (home / ".ssh" / "id_test.pub").write_text("ssh-ed25519 AAAA me\n")
+    user_config('[ssh]\nidentity = "~/.ssh/id_test"\n[dotfiles]\n'
+                'files = ["~/.gitconfig", ".config/nvim"]\n')
+    cfg = load_project(project_dir=project(tmp_path, "[vm]\n"))
+    assert cfg.ssh.identity == home / ".ssh" / "id_test"
+    assert cfg.dotfiles.files == (home / ".gitconfig", home / ".config" / "nvim")
+
+
 def test_dotfiles_must_live_under_home(tmp_path):
+    user_config('[dotfiles]\nfiles = ["/etc/passwd"]\n')
     with pytest.raises(ConfigError) as info:
-        load_project(project_dir=project(tmp_path, '[dotfiles]\nfiles = ["/etc/passwd"]\n'))
+        load_project(project_dir=project(tmp_path, "[vm]\n"))
     (problem,) = info.value.problems
     assert problem.key == "dotfiles.files[0]" and (problem.line, problem.column) == (2, 10)
     assert "not under your home directory" in problem.message
+    user_config('[dotfiles]\nfiles = ["~"]\n')
     with pytest.raises(ConfigError) as info:
-        load_project(project_dir=project(tmp_path, '[dotfiles]\nfiles = ["~"]\n'))
+        load_project(project_dir=project(tmp_path, "[vm]\n"))
     (problem,) = info.value.problems
     assert "whole home directory" in problem.message
 
@@ -261,8 +269,10 @@ def test_user_config_supplies_personal_keys(tmp_path):
     (home / "keys").mkdir()
     (home / "keys" / "me").write_text("private")
     (home / "keys" / "me.pub").write_text("ssh-ed25519 AAAA me\n")
+    directory = tmp_path / "proj"
     path = user_config('[vm]\nuid = 1234\ngid = 555\n[ssh]\nidentity = "keys/me"\n'
-                       'forward_agent = true\n[dotfiles]\nfiles = ["~/.gitconfig"]\n')
+                       f'forward_agent = ["~/elsewhere", "{directory}"]\n'
+                       '[dotfiles]\nfiles = ["~/.gitconfig"]\n')
     cfg = load_project(project_dir=project(tmp_path, '[vm]\ncpus = 3\n'))
     assert cfg.user_config_file == path
     assert (cfg.vm.uid, cfg.vm.gid, cfg.vm.cpus) == (1234, 555, 3)
@@ -271,11 +281,36 @@ def test_user_config_supplies_personal_keys(tmp_path):
     assert cfg.dotfiles.files == (home / ".gitconfig",)
 
 
-def test_project_file_wins_over_user_config(tmp_path):
-    user_config('[vm]\nuid = 1234\n[ssh]\nforward_agent = true\n')
-    cfg = load_project(project_dir=project(tmp_path, '[vm]\nuid = 2000\n[ssh]\n'
-                                           'forward_agent = false\n'))
-    assert cfg.vm.uid == 2000 and cfg.ssh.forward_agent is False
+def test_agent_forwarding_is_per_project(tmp_path):
+    """forward_agent lists project directories: only those VMs get the agent, never all."""
+    api = project(tmp_path / "a", "[vm]\nname = \"api\"\n")
+    other = project(tmp_path / "b", "[vm]\nname = \"other\"\n")
+    (tmp_path / "link").symlink_to(api)
+    user_config(f'[ssh]\nforward_agent = ["{tmp_path}/link"]\n')   # compared by real path
+    assert load_project(project_dir=api).ssh.forward_agent is True
+    assert load_project(project_dir=other).ssh.forward_agent is False
+    user_config("[ssh]\nforward_agent = []\n")
+    assert load_project(project_dir=api).ssh.forward_agent is False
+    user_config("[ssh]\nforward_agent = true\n")
+    with pytest.raises(ConfigError) as info:
+        load_project(project_dir=api)
+    (problem,) = info.value.problems
+    assert problem.key == "ssh.forward_agent" and "every VM" in problem.message
+
+
+@pytest.mark.parametrize("table", ["dotfiles", "ssh", "host"])
+def test_project_file_cannot_set_per_user_tables(tmp_path, table):
+    """A cloned mariner.toml (or one the VM rewrote) cannot choose which of the developer's
+    files, keys or agent reach the VM: the table is an error naming the per-user file."""
+    body = {"dotfiles": 'files = ["~/.ssh/id_ed25519"]\nallow = ["~/.ssh/id_ed25519"]',
+            "ssh": 'forward_agent = ["."]', "host": 'backend = "runner"'}[table]
+    with pytest.raises(ConfigError) as info:
+        load_project(project_dir=project(tmp_path, f"[vm]\ncpus = 2\n[{table}]\n{body}\n"))
+    assert info.value.exit_code == 2
+    (problem,) = info.value.problems
+    assert problem.key == table and (problem.line, problem.column) == (3, 1)
+    assert "per-user config" in problem.message
+    assert str(Path(os.environ["XDG_CONFIG_HOME"]) / "mariner" / "config.toml") in problem.message
 
 
 def test_user_config_falls_back_to_dot_config(tmp_path, monkeypatch):

@@ -111,7 +111,7 @@ def test_documented_defaults_are_the_resolved_defaults(tmp_path):
     assert cfg.storage.nix_store_mib == parse_size_mib(default("storage", "nix_store"))
     assert cfg.storage.docker_mib == parse_size_mib(default("storage", "docker"))
     assert cfg.docker_enable is default("docker", "enable")
-    assert cfg.ssh.forward_agent is default("ssh", "forward_agent")
+    assert cfg.ssh.forward_agent is False and default("ssh", "forward_agent") == []
     assert cfg.dotfiles.target == default("dotfiles", "target")
     assert list(cfg.nix.packages) == default("nix", "packages")
 

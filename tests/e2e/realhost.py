@@ -244,12 +244,45 @@ def qemu_argv(name: str, spec: GuestSpec, image: Path, disk: Path, config: Path,
     return argv
 
 
-def start_virtiofsd(share: Share, sock: Path, log: Path) -> subprocess.Popen:
-    """Debian's C virtiofsd for one share; returns once its socket exists."""
+def serve_as(name: str) -> tuple[int, int] | None:
+    """With MARINER_E2E_VIRTIOFSD=developer: the developer's uid and gid, as the rendered flake's
+    virtiofsd.nix drops to them (mariner's virtiofsd-run). None: virtiofsd runs as root.
+
+    Debian's C virtiofsd cannot squash guest ids (it has no --translate-uid and insists on
+    root), so as the developer it runs in a user namespace that maps only root to the
+    developer: guest root's files become the developer's, but the guest user (another id) can
+    create nothing. Hence a knob for the VM that tests this, not the default."""
+    if os.environ.get("MARINER_E2E_VIRTIOFSD") != "developer":
+        return None
+    data = json.loads((fakelib.vm_dir(name) / "booted" / "share" / "microvm" / "guest.json")
+                      .read_text())
+    module = fakelib.flake_dir_from_ref(data["flakeref"]) / "virtiofsd.nix"
+    if not module.is_file():
+        raise Refused(f"e2e host: MARINER_E2E_VIRTIOFSD=developer but the flake has no "
+                      f"{module.name} (mariner renders it when the developer is not root)")
+    match = re.search(r"--reuid=(\d+) --regid=(\d+)", module.read_text())
+    if match is None:
+        raise Refused(f"e2e host: {module} does not drop to a uid and gid with setpriv")
+    return int(match.group(1)), int(match.group(2))
+
+
+def start_virtiofsd(share: Share, sock: Path, log: Path,
+                    as_developer: tuple[int, int] | None = None) -> subprocess.Popen:
+    """Debian's C virtiofsd for one share; returns once its socket exists. `as_developer`:
+    run it as that uid/gid, root only inside a user namespace (see serve_as)."""
+    argv = [VIRTIOFSD, f"--socket-path={sock}", "-o", f"source={share.source}",
+            "-o", "cache=auto"]
+    if as_developer is not None:
+        uid, gid = as_developer
+        # its lock file goes to /run/virtiofsd: a private /run of the developer's
+        private_run = sock.with_name(sock.name + ".run")
+        private_run.mkdir()
+        os.chown(private_run, uid, gid)
+        argv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--",
+                "unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                'mount --bind "$0" /run && exec "$@"', str(private_run), *argv]
     with open(log, "ab") as out:
-        proc = subprocess.Popen([VIRTIOFSD, f"--socket-path={sock}", "-o",
-                                 f"source={share.source}", "-o", "cache=auto"],
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
     deadline = time.monotonic() + 10
     while not sock.exists():
         if proc.poll() is not None:
@@ -327,9 +360,13 @@ def boot(name: str) -> int:
         config = directory / CONFIG_DIR / "config.json"
         fakelib.write_json_atomic(config, spec.guest_config())
         runtime = Path(tempfile.mkdtemp(prefix=f"mre2e-{name[:20]}-", dir="/tmp"))
+        as_developer = serve_as(name)
+        if as_developer is not None:
+            os.chown(runtime, *as_developer)   # the developer's virtiofsd makes its socket here
         for index, share in enumerate(spec.shares):
             children.append(start_virtiofsd(share, runtime / f"fs{index}.sock",
-                                            directory / CONFIG_DIR / f"virtiofsd-{share.tag}.log"))
+                                            directory / CONFIG_DIR / f"virtiofsd-{share.tag}.log",
+                                            as_developer))
         argv = qemu_argv(name, spec, image, disk, config, runtime, accel)
         fakelib.journal(name, ident, f"e2e host: {' '.join(argv)}")
         qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

@@ -181,9 +181,9 @@ class RealVm:
 
 
 def make_vm(base: Path, image_dir: Path, name: str, *, gid: int | None = None,
-            ssh_port: int | None = None, extra_toml: str = "") -> RealVm:
+            ssh_port: int | None = None, extra_toml: str = "", user_toml: str = "") -> RealVm:
     """A project owned by the guest uid (as a developer's project would be), with a read-only
-    share; not started."""
+    share; not started. `user_toml` is the per-user config ([dotfiles], [ssh])."""
     env = isolated_environment(base, image_dir)
     project = base / "project"
     (project / "src" / "pkg").mkdir(parents=True)
@@ -201,8 +201,13 @@ def make_vm(base: Path, image_dir: Path, name: str, *, gid: int | None = None,
         f'[vm]\n{vm_lines}cpus = 2\nmemory = "1GiB"\n\n'
         f'[network]\nmode = "user"\n{port_line}\n'
         f'[[shares]]\nsource = "{data}"\ntarget = "/data"\nreadonly = true\n\n{extra_toml}')
+    if user_toml:
+        user_config = Path(env["XDG_CONFIG_HOME"]) / "mariner" / "config.toml"
+        user_config.parent.mkdir(parents=True, exist_ok=True)
+        user_config.write_text(user_toml)
     group = gid if gid is not None else realhost.DEFAULT_GID
-    for path in [project, *project.rglob("*")]:
+    # the developer owns the project and the share (shares are an allowlist of such dirs)
+    for path in [project, *project.rglob("*"), data, *data.rglob("*")]:
         os.chown(path, GUEST_UID, group)
     return RealVm(name=name, project=project, base=base, env=env, uid=GUEST_UID, gid=group)
 

@@ -23,7 +23,7 @@ GID = 2345
 @pytest.fixture(scope="module")
 def vm(module_base, e2e_image):
     vm = make_vm(module_base, e2e_image, "e2e-tools", gid=GID,
-                 extra_toml='[dotfiles]\nfiles = ["~/.gitconfig", "~/.config/tool"]\n')
+                 user_toml='[dotfiles]\nfiles = ["~/.gitconfig", "~/.config/tool"]\n')
     (vm.home / ".gitconfig").write_text("[user]\n\tname = First Name\n")
     (vm.home / ".config" / "tool").mkdir(parents=True)
     (vm.home / ".config" / "tool" / "settings.ini").write_text("colour = blue\n")

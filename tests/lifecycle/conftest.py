@@ -85,6 +85,12 @@ class Project:
         if approve:
             approve_host_settings(self.dir)
 
+    def user_config(self, text: str) -> None:
+        """The per-user config ([dotfiles], [ssh]: never in a project's mariner.toml)."""
+        path = Path(os.environ["XDG_CONFIG_HOME"]) / "mariner" / "config.toml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
     def mariner(self, *args: str, env: dict | None = None, timeout: float = 120,
                 check: int | None = None) -> subprocess.CompletedProcess:
         """Run the real `mariner` entry point in a subprocess, in the project directory."""

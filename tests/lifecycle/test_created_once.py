@@ -56,7 +56,8 @@ def test_a_vm_built_with_the_old_default_memory_keeps_it(project):
 
     from mariner_dev.config import load_project
     from mariner_dev.keys import public_key_for
-    from mariner_dev.nixrender import render_flake
+    from mariner_dev.developer import developer
+    from mariner_dev.nixrender import ShareIdentity, render_flake
     from mariner_dev.state import Registry
 
     project.up_json()
@@ -64,9 +65,11 @@ def test_a_vm_built_with_the_old_default_memory_keeps_it(project):
     assert cfg.vm.memory_mib == 4096 and "vm.memory" in cfg.defaulted
     with Registry().transaction() as vms:  # what the older mariner recorded
         record = vms[project.name]
+        dev = developer(cfg.project_dir)   # as project.render_for: shares served as the developer
         old = render_flake(dataclasses.replace(cfg, vm=dataclasses.replace(cfg.vm, memory_mib=2048)),
                            cid=record.cid, ssh_port=record.ssh_port,
-                           public_key=public_key_for(cfg))
+                           public_key=public_key_for(cfg),
+                           share_identity=ShareIdentity(dev.uid, dev.gid, cfg.vm.uid, cfg.vm.gid))
         built = dict(old.metadata["config"])
         del built["defaulted"]
         record.built_hash, record.built_config = old.hash, built

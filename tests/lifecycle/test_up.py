@@ -44,6 +44,22 @@ def test_first_up_creates_boots_and_pins(project):
     status = project.status_json()
     assert status["state"] == "running" and not status["outdated"]
     assert status["cid"] is not None and 3 <= status["cid"] <= 254
+    # no vsock on this host: the first pin was taken over TCP, and status says so
+    assert status["host_key_pinned_over"] == "tcp"
+    assert "pinned over TCP" in project.mariner("status", check=0).stdout
+
+
+def test_up_pins_a_running_vm_that_has_no_pin(project):
+    """An `up` interrupted between start and first contact leaves a running VM unpinned: the
+    next `up` takes the pin (over vsock where it can) instead of leaving exec refused."""
+    project.up_json()
+    known_hosts = Path(os.environ["MARINER_HOME"]) / "known_hosts"
+    known_hosts.unlink()
+    project.clear_log()
+    result = project.up_json()
+    assert not (result["created"] or result["started"]) and project.changing_calls() == []
+    assert f"mariner-{project.name} " in known_hosts.read_text()
+    assert project.mariner("exec", "--", "true", env={"MARINER_AGENT": "off"}).returncode == 0
 
 
 def test_second_up_changes_nothing(project):
@@ -331,7 +347,7 @@ def test_up_syncs_dotfiles_on_first_boot_and_when_they_change(project):
     (home / name).write_text("[user]\n  name = dev\n")
     (home / secret).write_text("-----BEGIN PRIVATE KEY-----\nxx\n-----END PRIVATE KEY-----\n")
     try:
-        project.write(extra=f'[dotfiles]\nfiles = ["~/{name}", "~/{secret}"]\n')
+        project.user_config(f'[dotfiles]\nfiles = ["~/{name}", "~/{secret}"]\n')
         proc = project.mariner("up", check=0)
         assert (guest_home / name).read_text() == "[user]\n  name = dev\n"
         assert not (guest_home / secret).exists()
@@ -339,7 +355,7 @@ def test_up_syncs_dotfiles_on_first_boot_and_when_they_change(project):
         (guest_home / name).unlink()
         project.up_json()  # nothing changed: no sync, the guest-side deletion stays
         assert not (guest_home / name).exists()
-        project.write(extra=f'[dotfiles]\nfiles = ["~/{name}"]\n')
+        project.user_config(f'[dotfiles]\nfiles = ["~/{name}"]\n')
         project.up_json()  # [dotfiles] changed: synced again, the file restored
         assert (guest_home / name).exists()
     finally:

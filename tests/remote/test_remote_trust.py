@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -31,7 +32,9 @@ def test_first_connection_pins_the_host_key(project, guest):
     assert pinned == [guest.sshd.host_public_key()]
     line = next(l for l in project.target.known_hosts.read_text().splitlines()
                 if l.startswith(f"mariner-{project.name} "))
-    assert line == f"mariner-{project.name} {guest.sshd.host_public_key()}"
+    # no vsock here: the pin was taken over TCP, and the line says so
+    assert line == f"mariner-{project.name} {guest.sshd.host_public_key()} pinned-over=tcp"
+    assert trust.pin_channel(project.target.known_hosts, f"mariner-{project.name}") == "tcp"
 
 
 def test_unpinned_vm_is_refused(remote_isolation, guest):
@@ -130,10 +133,11 @@ def test_encrypted_identity_works_through_ssh_agent(remote_isolation, tmp_path):
                        stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
         proj_env = remote_isolation.env()
         # Without an agent: a clear message, exit 125.
-        proj = make_project(guest, proj_env, pin=False,
-                            extra_toml="")
-        toml = proj.dir / "mariner.toml"
-        toml.write_text(toml.read_text().replace(str(guest.key), str(key)))
+        proj = make_project(guest, proj_env, pin=False)
+        # [ssh] identity belongs to the per-user config
+        user_config = Path(os.environ["XDG_CONFIG_HOME"]) / "mariner" / "config.toml"
+        user_config.parent.mkdir(parents=True, exist_ok=True)
+        user_config.write_text(f'[ssh]\nidentity = "{key}"\n')
         result = run_mariner("exec", "--trust-new-host-key", "--", "true", cwd=proj.dir,
                              env={"MARINER_AGENT": "off"})
         assert result.returncode == 125
@@ -148,3 +152,90 @@ def test_encrypted_identity_works_through_ssh_agent(remote_isolation, tmp_path):
         ssh_agent.terminate()
         ssh_agent.wait()
         stop_guest(guest)
+
+
+def _vsock_is_the_guest(monkeypatch, guest, answers: bool = True):
+    """Stand in for AF_VSOCK (which this sandbox cannot use): a vsock connect to the guest's
+    cid reaches the guest's sshd (or fails, `answers=False`); everything else is real."""
+    import socket
+
+    from mariner_dev.remote import session
+
+    real = session._connect_socket
+    calls = []
+
+    async def connect(family, address, timeout):
+        calls.append(family)
+        if family == socket.AF_VSOCK:
+            if not answers:
+                raise ConnectionRefusedError(111, "Connection refused")
+            return await real(socket.AF_INET, ("127.0.0.1", guest.port), timeout)
+        return await real(family, address, timeout)
+
+    monkeypatch.setattr(session, "_connect_socket", connect)
+    monkeypatch.setattr(session, "_vsock_available", lambda target: True)
+    return calls
+
+
+def test_first_pin_is_taken_over_vsock_where_the_guest_answers(remote_isolation, guest,
+                                                                monkeypatch):
+    import socket
+
+    proj = make_project(guest, remote_isolation.env(), pin=False)
+    alias = f"mariner-{proj.name}"
+    calls = _vsock_is_the_guest(monkeypatch, guest)
+    remote.wait_for_ssh(proj.target, timeout=20, pin=True)
+    assert calls[0] == socket.AF_VSOCK
+    assert trust.pinned_keys(proj.target.known_hosts, alias) == [guest.sshd.host_public_key()]
+    assert trust.pin_channel(proj.target.known_hosts, alias) == "vsock"
+    # once pinned, connections go the usual way (TCP first), checked against the pin
+    calls.clear()
+    remote.wait_for_ssh(proj.target, timeout=20, pin=False)
+    assert calls == [socket.AF_INET]
+
+
+def test_first_pin_falls_back_to_tcp_where_vsock_does_not_answer(remote_isolation, guest,
+                                                                 monkeypatch):
+    import socket
+
+    proj = make_project(guest, remote_isolation.env(), pin=False)
+    calls = _vsock_is_the_guest(monkeypatch, guest, answers=False)
+    remote.wait_for_ssh(proj.target, timeout=20, pin=True)
+    assert calls[:2] == [socket.AF_VSOCK, socket.AF_INET]
+    assert trust.pin_channel(proj.target.known_hosts, f"mariner-{proj.name}") == "tcp"
+
+
+def test_forced_tcp_pins_over_tcp(remote_isolation, guest, monkeypatch):
+    import socket
+
+    proj = make_project(guest, remote_isolation.env(), pin=False)
+    calls = _vsock_is_the_guest(monkeypatch, guest)
+    monkeypatch.setenv("MARINER_TRANSPORT", "tcp")
+    remote.wait_for_ssh(proj.target, timeout=20, pin=True)
+    assert calls == [socket.AF_INET]
+    assert trust.pin_channel(proj.target.known_hosts, f"mariner-{proj.name}") == "tcp"
+
+
+def test_trust_new_host_key_prints_old_and_new_fingerprints(remote_isolation, own_guest):
+    proj = make_project(own_guest, remote_isolation.env())
+    old_key = own_guest.sshd.host_public_key()
+    own_guest.sshd.stop()
+    own_guest.sshd.regenerate_host_keys()
+    own_guest.sshd.start()
+    new_key = own_guest.sshd.host_public_key()
+    result = _exec(proj, "--trust-new-host-key", "--", "echo", "ok", mode="off")
+    assert result.stdout == b"ok\n", result.stderr
+    keygen = require_tool("ssh-keygen")
+
+    def openssh_fingerprint(key: str) -> str:
+        out = subprocess.run([keygen, "-lf", "-"], input=key.encode(), capture_output=True,
+                             check=True).stdout.decode()
+        return out.split()[1]
+
+    old_print, new_print = openssh_fingerprint(old_key), openssh_fingerprint(new_key)
+    assert trust.fingerprint(old_key) == old_print and trust.fingerprint(new_key) == new_print
+    err = result.stderr.decode()
+    (line,) = [l for l in err.splitlines() if "host key changed" in l]
+    assert f"old {old_print}" in line and f"new {new_print}" in line
+    assert trust.pinned_keys(proj.target.known_hosts, f"mariner-{proj.name}") == [new_key]
+    remote.stop_agent(proj.name)

@@ -86,6 +86,7 @@ readonly = true
 source = "~/cache dir"
 target = "/var/cache/app"
 tag = "app-cache"
+readonly = false
 
 [storage]
 persist = "1GiB"

@@ -106,7 +106,7 @@ DIFFERENT = {
     "cpus": BASE.replace("cpus = 2", "cpus = 3"),
     "env value": BASE.replace('A = "1"', 'A = "2"'),
     "package": BASE.replace('["git"]', '["git", "jq"]'),
-    "share read-only": BASE + "readonly = true\n",
+    "share writable": BASE + "readonly = false\n",
     "network mode": BASE + '\n[network]\nmode = "user"\n',
 }
 

@@ -159,13 +159,13 @@ def make_project(guest: Guest, env: dict[str, str], *, name: str | None = None,
         f'[vm]\nname = "{name}"\nuser = "{guest.user}"\n'
         f'[network]\nmode = "user"\nssh_port = {guest.port}\n'
         f'[workspace]\nmount = "{mount}"\n'
-        f'[ssh]\nidentity = "{guest.key}"\n'
         f'[env]\nFROM_TOML = "toml value"\n' + extra_toml)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
         cfg = load_project(project_dir=directory)
         approve_host_settings(directory)
+        authorize_mariner_key(guest, cfg)
         record = VmRecord(name=name, project=str(directory), config_file=str(cfg.config_file),
                           cid=3 + int(uuid.uuid4().int % 200), network_mode="user",
                           ssh_port=guest.port, created=True)
@@ -182,6 +182,18 @@ def make_project(guest: Guest, env: dict[str, str], *, name: str | None = None,
                 os.environ[k] = v
     return Project(dir=directory, mount=str(mount), name=name, cfg=cfg, record=record,
                    target=target)
+
+
+def authorize_mariner_key(guest: Guest, cfg) -> None:
+    """Let mariner's own key (MARINER_HOME, as `up` renders it) log in to `guest`: [ssh]
+    identity is per-user config only, so test projects use the key mariner generates."""
+    from mariner_dev.keys import public_key_for
+
+    public = public_key_for(cfg)
+    authorized = guest.scratch / "authorized_keys"
+    if public not in authorized.read_text():
+        with authorized.open("a") as fh:
+            fh.write(public + "\n")
 
 
 @pytest.fixture(scope="module")

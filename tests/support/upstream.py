@@ -101,7 +101,12 @@ def evaluate(flakes: dict[str, Path], system: str = "x86_64-linux",
                                f"failed:\n{_stderr(proc.stderr)}")
     results = json.loads(proc.stdout)
     for result in results.values():
-        result["virtiofsd"] = virtiofsd_commands(result.pop("virtiofsdRun"))
+        run = result.pop("virtiofsdRun")
+        result["virtiofsdRunText"] = run
+        if run is not None and MARINER_VIRTIOFSD_MARK in run:
+            result["virtiofsd"] = mariner_virtiofsd_commands(run, result["shares"])
+        else:
+            result["virtiofsd"] = virtiofsd_commands(run)
     return results
 
 
@@ -145,6 +150,25 @@ def virtiofsd_commands(run: str | None) -> dict[str, list[str]]:
             script, _ = _embedded(line)
             assert script["kind"] == "shell", line
             commands[section.removeprefix("program:virtiofsd-")] = _exec_argv(script["text"])
+    return commands
+
+
+# mariner's own virtiofsd-run (the flake's virtiofsd.nix, when the developer is not root)
+MARINER_VIRTIOFSD_MARK = "# mariner: virtiofsd as the developer"
+
+
+def mariner_virtiofsd_commands(run: str, shares: list[dict]) -> dict[str, list[str]]:
+    """tag -> the virtiofsd argv (program first) that mariner's virtiofsd-run starts, each
+    behind the privilege drop (`"${drop[@]}" <virtiofsd> ... &`)."""
+    tags = {share["socket"]: share["tag"] for share in shares}
+    commands: dict[str, list[str]] = {}
+    for line in run.replace("\\\n", " ").splitlines():
+        if line.lstrip().startswith('"${drop[@]}" '):
+            argv = shlex.split(line)[1:]
+            assert argv[-1] == "&", line
+            argv = argv[:-1]
+            socket = next(a.split("=", 1)[1] for a in argv if a.startswith("--socket-path="))
+            commands[tags[socket]] = argv
     return commands
 
 

@@ -60,15 +60,17 @@ class Project:
             [network]
             mode = "user"
             ssh_port = {self.guest.port}
+            """) + "\n" + textwrap.dedent(extra))
+        # [dotfiles] and [ssh] are the developer's: the per-user config, never mariner.toml
+        user_config = Path(os.environ["XDG_CONFIG_HOME"]) / "mariner" / "config.toml"
+        user_config.parent.mkdir(parents=True, exist_ok=True)
+        user_config.write_text("[dotfiles]\n" + textwrap.dedent(dotfiles) + "\n")
+        from support.fixtures import authorize_mariner_key
 
-            [ssh]
-            identity = "{self.guest.key}"
-
-            [dotfiles]
-            """) + textwrap.dedent(dotfiles) + "\n" + textwrap.dedent(extra))
         from support.approval import approve_host_settings
 
         approve_host_settings(self.dir)   # as the developer who wrote it would
+        authorize_mariner_key(self.guest, self.load())
         return self
 
     def load(self):

@@ -18,21 +18,55 @@ PEM = ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n"
        "-----END OPENSSH PRIVATE KEY-----\n")
 
 
-@pytest.mark.parametrize("rel", [
-    ".ssh/id_ed25519", ".ssh/id_rsa", ".ssh/work_key", ".ssh/keys/deploy", "certs/server.pem",
-    "tls/site.KEY", ".aws/credentials", ".netrc", ".docker/config.json", ".git-credentials",
+# Every place issue 9 lists, and the histories: each refused by its name alone.
+SECRET_PLACES = [
+    ".ssh/id_ed25519", ".ssh/id_rsa", ".ssh/work_key", ".ssh/keys/deploy",
+    ".ssh/authorized_keys", "certs/server.pem", "tls/site.KEY", ".aws/credentials",
+    ".aws/config", ".aws/sso/cache/x.json", ".netrc", ".docker/config.json", ".git-credentials",
     ".config/gh/hosts.yml", ".kube/config", ".gnupg/private-keys-v1.d/AB12.key",
-    ".gnupg/secring.gpg"])
+    ".gnupg/secring.gpg", ".gnupg/pubring.kbx", ".gnupg/trustdb.gpg", ".npmrc", ".pypirc",
+    ".password-store/email/me.gpg", ".password-store/.gpg-id", ".bash_history",
+    ".zsh_history", ".python_history", ".node_repl_history", ".psql_history",
+    ".mysql_history", ".sqlite_history", ".local/share/fish/fish_history", ".irb_history",
+    ".lesshst", ".config/git/credentials"]
+
+
+@pytest.mark.parametrize("rel", SECRET_PLACES)
 def test_known_secret_places(rel):
     assert secret_by_name(rel) is not None
 
 
 @pytest.mark.parametrize("rel", [
-    ".ssh/id_ed25519.pub", ".ssh/config", ".ssh/known_hosts", ".ssh/authorized_keys",
-    ".ssh/config.d/work", ".gitconfig", ".config/gh/config.yml", ".aws/config", "keys.txt",
-    ".gnupg/pubring.kbx"])
+    ".ssh/id_ed25519.pub", ".ssh/config", ".ssh/known_hosts", ".ssh/config.d/work",
+    ".gitconfig", ".config/gh/config.yml", "keys.txt", ".bashrc", ".zshrc", ".config/fish/config.fish",
+    ".npmrc.d/readme", ".historyfile-notes"])
 def test_ordinary_files_are_not_secrets(rel):
     assert secret_by_name(rel) is None
+
+
+# (what it is, content): a token of each common shape, in a file with an innocent name.
+TOKEN_FILES = {
+    "github-classic": "token: ghp_" + "A1b2C3d4E5" * 3 + "F6g7H8\n",
+    "github-fine-grained": "GH=github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz\n",
+    "npm": "//registry.npmjs.org/:_authToken=${NPM}\n",
+    "npm-token": "export NPM_TOKEN=npm_" + "a1B2c3D4e5" * 3 + "f6G7h8\n",
+    "aws": "aws_access_key_id = AKIAIOSFODNN7EXAMPLE\n",
+    "slack-bot": "SLACK=xoxb-123456789012-123456789012-abcdefABCDEF\n",
+    "slack-user": "SLACK=xoxp-123456789012-123456789012-abcdefABCDEF\n",
+    "openssh-key": PEM,
+    "pgp-key": "-----BEGIN PGP PRIVATE KEY BLOCK-----\n\nxx\n",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TOKEN_FILES))
+def test_tokens_are_found_by_content(kind):
+    assert secret_by_content(TOKEN_FILES[kind].encode()) is not None
+
+
+def test_token_like_words_are_not_secrets():
+    for text in (b"ghp_short", b"npm_install", b"AKIA lowercase akiaiosfodnn7example",
+                 b"xoxo-hugs", b"authToken = none", b"github_pat_", b"see docs/AKIA.md"):
+        assert secret_by_content(text) is None, text
 
 
 def test_private_key_headers_are_found_by_content():
@@ -169,3 +203,44 @@ def test_mariner_never_writes_through_a_guest_symlink(home, project, guest_root,
         import shutil
 
         shutil.rmtree(elsewhere, ignore_errors=True)
+
+
+def test_every_listed_secret_stays_home_and_an_allowed_one_arrives(home, project, guest_root,
+                                                                   run_cli):
+    """Each place issue 9 names, and each token shape under an innocent name, is refused by a
+    real sync, named with its reason by `sync --dry-run` and `validate`; only what [dotfiles]
+    allow names (in the per-user config) reaches the guest."""
+    for rel in SECRET_PLACES:
+        write(home / rel, "not obviously secret\n", 0o600)
+    for kind, text in TOKEN_FILES.items():
+        write(home / "notes" / f"{kind}.txt", text)
+    write(home / "notes" / "plain.txt", "nothing to see\n")
+    tops = sorted({rel.split("/")[0] for rel in SECRET_PLACES} | {"notes"})
+    files = "files = [" + ", ".join(f'"~/{top}"' for top in tops) + "]\n"
+    p = project(files)
+    expected = set(SECRET_PLACES) | {f"notes/{kind}.txt" for kind in TOKEN_FILES}
+
+    code, out, err = run_cli("validate", cwd=p.dir)
+    assert code == 0, err
+    for rel in expected:
+        assert f"refused ~/{rel}: it is " in err, rel
+    code, out, err = run_cli("validate", "--json", cwd=p.dir)
+    assert {r["path"] for r in json.loads(out)["dotfiles_refused"]} == {f"~/{r}" for r in expected}
+
+    cfg, record = p.register()
+    report = sync_once(cfg, record, guest_root=str(guest_root), dry_run=True)
+    assert set(dict(report.refused)) == expected
+    assert "GitHub token" in dict(report.refused)["notes/github-classic.txt"]
+    report = sync_once(cfg, record, guest_root=str(guest_root))
+    assert set(dict(report.refused)) == expected
+    got = snapshot(guest_root)
+    assert not expected & {rel for rel, v in got.items() if v[0] == "file"}
+    assert got["notes/plain.txt"][1] == b"nothing to see\n"
+
+    # allowed by the developer (per-user config), the two arrive; the others still stay home
+    p.write(files + 'allow = ["~/.npmrc", "~/notes/aws.txt"]\n')
+    cfg, record = p.register()
+    report = sync_once(cfg, record, guest_root=str(guest_root))
+    assert (guest_root / ".npmrc").read_text() == "not obviously secret\n"
+    assert (guest_root / "notes" / "aws.txt").read_text() == TOKEN_FILES["aws"]
+    assert set(dict(report.refused)) == expected - {".npmrc", "notes/aws.txt"}

@@ -13,6 +13,7 @@
   microvm.vcpu = 6;
   microvm.mem = 3072;
   microvm.hypervisor = "crosvm";
+  microvm.vsock.ssh.enable = lib.mkDefault true;
   microvm.shares = [
     {
       proto = "virtiofs";

@@ -11,6 +11,7 @@
   microvm.vcpu = 4;
   microvm.mem = 8192;
   microvm.hypervisor = "qemu";
+  microvm.vsock.ssh.enable = lib.mkDefault true;
   microvm.shares = [
     {
       proto = "virtiofs";

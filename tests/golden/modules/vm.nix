@@ -11,6 +11,7 @@
   microvm.vcpu = 2;
   microvm.mem = 4096;
   microvm.hypervisor = "qemu";
+  microvm.vsock.ssh.enable = lib.mkDefault true;
   microvm.shares = [
     {
       proto = "virtiofs";

@@ -11,6 +11,7 @@
   microvm.vcpu = 1;
   microvm.mem = 512;
   microvm.hypervisor = "qemu";
+  microvm.vsock.ssh.enable = lib.mkDefault true;
   microvm.shares = [
     {
       proto = "virtiofs";

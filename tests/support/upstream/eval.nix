@@ -70,6 +70,7 @@ let
       interfaces = map (pick [ "type" "id" "mac" ]) c.microvm.interfaces;
       forwardPorts = c.microvm.forwardPorts;
       cid = c.microvm.vsock.cid;
+      vsockSsh = c.microvm.vsock.ssh.enable;
       inherit (c.microvm) mem vcpu hypervisor;
       network = pick [ "address" "gateway" "dns" "mac" ] c.mariner.network;
       lan = {

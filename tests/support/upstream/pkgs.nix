@@ -20,6 +20,7 @@ let
   platform = { inherit system; isDarwin = false; isLinux = true; };
 in
 lib.genAttrs [ "bash" "git" "lf" "vim" "virtiofsd" "iproute2" "coreutils-full" "kmod"
+  "coreutils" "util-linux" "systemd"
   "qemu" "crosvm" "cloud-hypervisor" "firecracker" "kvmtool" "stratovirt" "alioth" "vfkit" ] package
 // {
   _type = "pkgs";
