@@ -147,7 +147,11 @@ def _vm_module(cfg: m.ProjectConfig, cid: int, ssh_port: int | None, public_key:
                 "readOnly": s.readonly}
                for i, (s, source) in enumerate(zip(cfg.shares, share_sources), start=1)]
     if cfg.backend == "runner":
-        settings += _runner_settings(shares)
+        runner = _runner_settings(shares)
+        # A runner-mode setting replaces the default one for the same option (Nix refuses an
+        # attribute defined twice in one module).
+        overridden = {option for option, _ in runner}
+        settings = [entry for entry in settings if entry[0] not in overridden] + runner
     else:
         settings.append(("microvm.shares", nix_value(shares)))
     settings += [
