@@ -6,6 +6,15 @@ directory, so no test can touch the real ~/.ssh, /var/lib/microvms or mariner st
 
 from __future__ import annotations
 
+import signal as _signal
+
+# A run started in the background by a non-interactive shell (as a CI runner may do) inherits
+# SIGINT ignored, and an ignored signal stays ignored across exec: every `mariner up` a test
+# interrupts would then ignore Ctrl-C. Tests need the terminal's default.
+if _signal.getsignal(_signal.SIGINT) is _signal.SIG_IGN:
+    _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+
+
 import os
 import shutil
 import sys

@@ -81,10 +81,29 @@ async def sync_over(conn, spec: "SyncSpec", **kwargs) -> "SyncReport":
     return await _sync_over(conn, spec, **kwargs)
 
 
+def _quiet_orphaned_sftp_tasks() -> None:
+    """asyncssh's parallel SFTP transfer tasks that lose the connection when a sync is cut
+    short (Ctrl-C, SIGTERM) end with an error nobody awaits, which asyncio would print as a
+    traceback at exit; the interruption itself is reported once by the caller."""
+    import asyncio
+
+    import asyncssh
+
+    loop = asyncio.get_running_loop()
+
+    def handler(loop, context):
+        if isinstance(context.get("exception"), (asyncssh.Error, ConnectionError)):
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+
+
 async def _connect_and_sync(target, spec, **kwargs) -> "SyncReport":
     from ..remote.session import connect
     from .engine import sync_over as _sync_over
 
+    _quiet_orphaned_sftp_tasks()
     conn = await connect(target)
     try:
         return await _sync_over(conn, spec, **kwargs)

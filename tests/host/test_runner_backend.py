@@ -123,7 +123,7 @@ def test_runner_render_nulls_vsock_forces_a_read_only_store_and_drops_the_socket
     monkeypatch.setattr(choice, "vhost_vsock_usable", lambda: True)
     flake = render_vm(tmp_path / "p", tmp_path / "flake2", cid=9, ssh_port=2222,
                       public_key="ssh-ed25519 AAAA test")
-    assert "microvm.vsock" not in (flake / "vm.nix").read_text()
+    assert "microvm.vsock.cid" not in (flake / "vm.nix").read_text()
 
 
 def test_microvm_render_leaves_nix_mariners_shares_alone(tmp_path):
@@ -131,7 +131,7 @@ def test_microvm_render_leaves_nix_mariners_shares_alone(tmp_path):
     flake = render_vm(tmp_path / "p", tmp_path / "flake", cid=9, ssh_port=2222,
                       public_key="ssh-ed25519 AAAA test")
     vm = (flake / "vm.nix").read_text()
-    assert "mkForce [" not in vm and "ro-store" not in vm and "vsock" not in vm
+    assert "mkForce [" not in vm and "ro-store" not in vm and "vsock.cid" not in vm
 
 
 # -- the backend against the fake nix and its runner -----------------------------------------

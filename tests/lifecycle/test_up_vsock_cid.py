@@ -33,7 +33,7 @@ def test_a_vsock_cid_held_by_another_vm_is_replaced(project, vhost_vsock):
     assert not status["outdated"]
     vm_nix = (Path(os.environ["MARINER_HOME"]) / "vms" / project.name / "flake" / "vm.nix")
     assert f"mariner.cid = {status['cid']};" in vm_nix.read_text()
-    assert "microvm.vsock" not in vm_nix.read_text()  # vsock on: nix-mariner's cid is used
+    assert "microvm.vsock.cid" not in vm_nix.read_text()  # vsock on: nix-mariner's cid is used
     assert (vhost_vsock / str(status["cid"])).exists()
     logs = project.mariner("logs", check=0).stdout
     assert "unable to set guest cid: Address already in use" in logs
