@@ -24,7 +24,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def vm(module_base, e2e_image):
     vm = make_vm(module_base, e2e_image, "e2e-runner", ssh_port=free_port(),
-                 extra_toml='[dotfiles]\nfiles = ["~/.gitconfig"]\n')
+                 user_toml='[dotfiles]\nfiles = ["~/.gitconfig"]\n')
     vm.env["MARINER_BACKEND"] = "runner"
     vm.env["MARINER_FAKE_NIX_STORE"] = str(module_base / "nix-store")  # the fake nix's store
     (vm.home / ".gitconfig").write_text("[user]\n\tname = Runner Mode\n")
