@@ -19,7 +19,8 @@ from .. import paths
 from ..errors import HostError, HostUnavailable
 from . import commands
 from .backend import HostBackend, HostVmStatus, check_vm_name
-from .nixerror import NixBuildError, explain_build_error, option_config_key
+from .nixerror import (NixBuildError, build_failure, explain_build_error,
+                       option_config_key)
 
 __all__ = ["MicrovmHost", "NixBuildError", "explain_build_error", "option_config_key",
            "gcroots_dir", "unit_name"]
@@ -160,13 +161,7 @@ class MicrovmHost(HostBackend):
             raise HostError(f"VM {name} already exists on this host ({self.vm_dir(name)})",
                             argv=result.argv, returncode=result.returncode,
                             hint="`mariner destroy` removes it")
-        output = result.stderr if result.stderr.strip() else result.stdout
-        message, key = explain_build_error(output)
-        raise NixBuildError(f"building VM {name} failed: {message}", nix_message=message,
-                            config_key=key, argv=result.argv,
-                            stderr_tail=commands.tail_lines(output),
-                            returncode=result.returncode,
-                            hint=f"check `{key}` in mariner.toml" if key else None)
+        raise build_failure(name, result)
 
     # -- running --------------------------------------------------------------------------
 

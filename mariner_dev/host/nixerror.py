@@ -205,3 +205,17 @@ def explain_build_error(stderr: str) -> tuple[str, str | None]:
             return " ".join(extra), None
     tail = [line.strip() for line in lines if line.strip()]
     return (tail[-1] if tail else "the build failed without a message"), None
+
+
+def build_failure(name: str, result) -> NixBuildError:
+    """The error for a failed build of VM `name` (a host command's result), naming the
+    mariner.toml key the Nix message points at; one place for every backend."""
+    from . import commands
+
+    output = result.stderr if result.stderr.strip() else result.stdout
+    message, key = explain_build_error(output)
+    return NixBuildError(f"building VM {name} failed: {message}", nix_message=message,
+                         config_key=key, argv=result.argv,
+                         stderr_tail=commands.tail_lines(output),
+                         returncode=result.returncode,
+                         hint=f"check `{key}` in mariner.toml" if key else None)

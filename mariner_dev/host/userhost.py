@@ -31,7 +31,7 @@ from typing import Iterator
 from ..errors import HostError
 from . import commands, supervisor
 from .backend import HostBackend, HostVmStatus, VsockCidInUse, check_vm_name
-from .nixerror import NixBuildError, explain_build_error
+from .nixerror import build_failure
 
 NIX_FEATURES = ["--extra-experimental-features", "nix-command flakes"]
 _FLAKE_PATH = re.compile(r"^/[A-Za-z0-9._+,@~/-]*$")
@@ -139,13 +139,7 @@ class RunnerHost(HostBackend):
                               ok_codes=None, timeout=timeout)
         if result.returncode == 0:
             return
-        output = result.stderr if result.stderr.strip() else result.stdout
-        message, key = explain_build_error(output)
-        raise NixBuildError(f"building VM {name} failed: {message}", nix_message=message,
-                            config_key=key, argv=result.argv,
-                            stderr_tail=commands.tail_lines(output),
-                            returncode=result.returncode,
-                            hint=f"check `{key}` in mariner.toml" if key else None)
+        raise build_failure(name, result)
 
     # -- running --------------------------------------------------------------------------
 
