@@ -374,10 +374,31 @@ def run(opts: ExecOptions, *, fds=(0, 1, 2)) -> int:
                           tty=tty, stdin=stdin,
                           term=(os.environ.get("TERM") or "xterm-256color") if tty else None,
                           cols=cols, rows=rows)
-    status = execute(target, request, fds=fds, trust_new=opts.trust_new,
-                     verbose=bool(opts.verbose))
+    status = _explained(data["name"], lambda: execute(target, request, fds=fds,
+                                                      trust_new=opts.trust_new,
+                                                      verbose=bool(opts.verbose)))
     _tripwire(data)
     return status
+
+
+def _explained(name: str, run_it):
+    """run_it(); a VM that cannot be reached because it is not running is named as such (its
+    state from the host, asked only on this failure path) with the next step."""
+    try:
+        return run_it()
+    except Exception as exc:
+        errors = sys.modules.get(f"{__package__}.errors")
+        if errors is None or not isinstance(exc, errors.GuestUnreachable):
+            raise
+        from .lifecycle import why_unreachable
+
+        try:
+            better = why_unreachable(name)
+        except (errors.MarinerError, OSError):
+            better = None
+        if better is None:
+            raise
+        raise better from None
 
 
 def _tripwire(data: dict) -> None:
@@ -404,7 +425,8 @@ def run_shell(opts: ExecOptions, command: str | None = None) -> int:
     cols, rows = window_size(1)
     request = ExecRequest(remote, tty=True, stdin=True,
                           term=os.environ.get("TERM") or "xterm-256color", cols=cols, rows=rows)
-    status = execute(target, request, trust_new=opts.trust_new, verbose=bool(opts.verbose))
+    status = _explained(data["name"], lambda: execute(target, request, trust_new=opts.trust_new,
+                                                      verbose=bool(opts.verbose)))
     _tripwire(data)
     return status
 

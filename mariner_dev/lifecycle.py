@@ -579,6 +579,27 @@ def _state_of(host: HostVmStatus, record: VmRecord | None, probe: bool = True) -
     return "running" if tcp_reachable(target, timeout=2.0) else "starting"
 
 
+def why_unreachable(name: str) -> GuestUnreachable | None:
+    """When a command could not reach VM `name`: its state in words and the next step, if the
+    host says it is not running (None when it runs, or the host cannot be asked)."""
+    try:
+        backend = default_backend()
+        backend.preflight()
+        host = backend.status(name)
+    except MarinerError:
+        return None
+    state = _state_of(host, None, probe=False)
+    if state == "stopped":
+        return GuestUnreachable(f"VM {name} is stopped", hint="`mariner up` starts it")
+    if state == "failed":
+        return GuestUnreachable(f"VM {name} failed (its hypervisor exited)",
+                                hint="`mariner logs` shows why; `mariner up` starts it again")
+    if state == "absent":
+        return GuestUnreachable(f"VM {name} does not exist on this host",
+                                hint="`mariner up` creates and starts it")
+    return None
+
+
 def _changed_keys(old: dict | None, new: dict) -> list[str]:
     if old is None:
         return []

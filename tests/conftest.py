@@ -80,3 +80,50 @@ def run_cli(capfd):
         return code, out, err
 
     return run
+
+
+# -- threads that outlive their test ---------------------------------------------------------
+# A test double's thread still running after its test (a fake agent blocked in accept() or
+# recv() on a socket the test closed) can wake minutes later and write into whatever socket
+# reused that descriptor number in this process: another test's forwarded connection got a
+# fake agent's frames that way. Every thread a test starts must end with the test.
+import threading as _threading  # noqa: E402
+import time as _time  # noqa: E402
+
+_THREAD_GRACE = 3.0
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    item._threads_before = set(_threading.enumerate())
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield
+    before = getattr(item, "_threads_before", None)
+    if before is None:
+        return
+    deadline = _time.monotonic() + _THREAD_GRACE
+    while True:
+        left = [t for t in _threading.enumerate() if t not in before and t.is_alive()]
+        if not left or _time.monotonic() > deadline:
+            break
+        _time.sleep(0.05)
+    if left:
+        import traceback
+
+        frames = sys._current_frames()
+        lines = []
+        for thread in left:
+            stack = frames.get(thread.ident)
+            where = "".join(traceback.format_stack(stack)[-2:]) if stack else "?"
+            lines.append(f"{thread.name}:\n{where}")
+        report = os.environ.get("MARINER_TEST_THREAD_REPORT")
+        if report:
+            with open(report, "a") as fh:
+                fh.write(f"== {item.nodeid}\n" + "\n".join(lines) + "\n")
+        else:
+            pytest.fail(f"{len(left)} thread(s) started by this test still run after it:\n"
+                        + "\n".join(lines), pytrace=False)

@@ -348,13 +348,20 @@ class Agent:
             await self._send(csock, proto.READY, {"pid": os.getpid(), "build": self.build})
             work = asyncio.create_task(self.syncer.run(request))
             hangup = asyncio.create_task(loop.sock_recv(csock, 1))
-            await asyncio.wait({work, hangup}, return_when=asyncio.FIRST_COMPLETED)
+            alive = asyncio.create_task(self._keep_client_waiting(csock))
+            try:
+                await asyncio.wait({work, hangup}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                # Stopped before any other frame goes out: frames never interleave.
+                alive.cancel()
+                await asyncio.gather(alive, return_exceptions=True)
             if not work.done():
                 work.cancel()
                 await asyncio.gather(work, return_exceptions=True)
                 log("a sync was cancelled: its client hung up")
                 return
             hangup.cancel()
+            await asyncio.gather(hangup, return_exceptions=True)
             try:
                 result = work.result()
             except MarinerError as exc:
@@ -374,6 +381,13 @@ class Agent:
             await self._send(csock, proto.RESULT, result)
         finally:
             self.active -= 1
+
+    async def _keep_client_waiting(self, csock: socket.socket) -> None:
+        """ALIVE every ALIVE_INTERVAL seconds: the client tells a long sync from a frozen
+        agent."""
+        while True:
+            await asyncio.sleep(proto.ALIVE_INTERVAL)
+            await asyncio.get_running_loop().sock_sendall(csock, proto.frame(proto.ALIVE))
 
     def _drop_conn(self, conn) -> None:
         """`conn` turned out dead: forget it so that get_conn() waits for a new one."""

@@ -277,10 +277,18 @@ def run_sync(target: "GuestTarget", request: dict, on_ready=None) -> dict:
             raise AgentUnavailable("the agent did not answer within 10 s") from None
         if on_ready is not None:
             on_ready()
-        sock.settimeout(None)   # a first sync of many megabytes takes what it takes
+        # A first sync of many megabytes takes what it takes; the agent says ALIVE meanwhile.
+        sock.settimeout(proto.SILENCE_LIMIT)
         try:
             kind, payload = read_frame(sock)
+            while kind == proto.ALIVE:
+                kind, payload = read_frame(sock)
             info = _answer(payload)
+        except TimeoutError:
+            raise _unreachable(f"the mariner agent for VM {target.name} stopped answering "
+                               f"mid-sync (nothing for {proto.SILENCE_LIMIT:g} s); see "
+                               f"{log_path(target.name)}, and `mariner up` to start a new "
+                               f"agent") from None
         except (EOFError, OSError):
             raise _unreachable(f"the mariner agent for VM {target.name} went away mid-sync; "
                                f"see {log_path(target.name)}") from None

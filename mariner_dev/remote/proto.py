@@ -16,8 +16,9 @@ PROTO 1) treats it as stale. The socket is private to the user (0600 in a 0700 d
 the client trusts its agent's marshal data; the agent only ever parses JSON from clients.
 
 Operations: `ping` (READY), `exec` (READY, then EXIT), `forwards` (READY with the forwards the
-agent holds and their state), `sync` (READY when accepted, then RESULT with the report, or
-ERROR). A HELLO whose build or target differs from the agent's gets ERROR "stale" and the agent
+agent holds and their state), `sync` (READY when accepted, ALIVE every ALIVE_INTERVAL seconds while it
+works, then RESULT with the report, or ERROR; a client hears nothing for SILENCE_LIMIT seconds
+only from an agent that froze). A HELLO whose build or target differs from the agent's gets ERROR "stale" and the agent
 steps down, unless the HELLO is a `probe` (read-only queries such as `status`): then the agent
 only answers. A HELLO may carry `forwards` (the fingerprint of the `[ports] forward` list the
 caller expects, as `up` sends it); a different one is stale too. A `ping` from `up` says
@@ -44,11 +45,14 @@ ERROR = b"E"     # agent -> client: {"kind": "stale"|"unreachable"|"failed"|"bad
                  #                   "hint"?, "exit_code"?}
 EXIT = b"X"      # agent -> client: {"status", "message"}
 RESULT = b"T"    # agent -> client: an operation's JSON result (`sync`)
+ALIVE = b"A"     # agent -> client: empty; still at work on the client's sync
 SIGNAL = b"S"    # client -> agent: signal name, e.g. b"INT"
 RESIZE = b"W"    # client -> agent: {"cols", "rows"}
 
 HEADER_SIZE = 5
 MAX_FRAME = 64 << 20     # a sync report of many thousands of changes stays well below
+ALIVE_INTERVAL = 5.0     # a sync's client hears from the agent at least this often
+SILENCE_LIMIT = 30.0     # ... and gives up on an agent silent for this long (frozen)
 PORT_RETRY = 5.0         # seconds between the agent's tries of a forward whose port was taken
 PORT_RETRY_WINDOW = 30.0  # ... for this long after it started or `up` asked; then never again
 

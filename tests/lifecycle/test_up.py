@@ -119,6 +119,11 @@ def test_down_then_up_again(project):
     assert project.status_json()["state"] == "stopped"
     text = project.mariner("status", check=0).stdout
     assert "state:    stopped" in text and "next:     `mariner up` starts it" in text
+    # exec and shell name the state rather than a connection error, and the next step.
+    for command in (["exec", "--", "true"], ["shell", "--", "true"]):
+        err = project.mariner(*command, check=125).stderr
+        assert err.splitlines() == [f"mariner: error: VM {project.name} is stopped",
+                                    "  hint: `mariner up` starts it"], err
     project.clear_log()
     result = project.up_json()
     assert result["started"] and not result["created"]

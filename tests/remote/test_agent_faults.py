@@ -55,7 +55,10 @@ def test_stdin_pump_stop_after_eof_writes_to_no_reused_descriptor():
 
 
 class FakeAgent:
-    """A listener on the VM's agent socket that answers each HELLO with `frames`."""
+    """A listener on the VM's agent socket that answers each HELLO with `frames`.
+
+    Its thread ends with the test (close() stops and joins it): a thread left blocked on a
+    socket could wake later and write into whatever reused that descriptor number."""
 
     def __init__(self, name: str, frames: list[bytes], hold: float = 0.2):
         self.hold = hold
@@ -66,17 +69,23 @@ class FakeAgent:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(self.path)
         self.listener.listen(8)
+        self.listener.settimeout(0.05)
+        self.inode = os.stat(self.path).st_ino
         self.frames = frames
+        self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
     def _serve(self):
-        while True:
+        while not self.stopping.is_set():
             try:
                 conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 return
             with conn:
+                conn.settimeout(5)
                 try:
                     _data, ancdata, _flags, _addr = conn.recvmsg(1 << 16,
                                                                  socket.CMSG_SPACE(12))
@@ -85,14 +94,18 @@ class FakeAgent:
                             os.close(int.from_bytes(passed[i:i + 4], sys.byteorder))
                     for data in self.frames:
                         conn.sendall(data)
-                    time.sleep(self.hold)
+                    self.stopping.wait(self.hold)
                 except OSError:
                     pass
 
     def close(self):
+        self.stopping.set()
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "the fake agent's thread did not stop"
         self.listener.close()
-        try:
-            os.unlink(self.path)
+        try:   # only our own socket: the client may have started a real agent on the path
+            if os.stat(self.path).st_ino == self.inode:
+                os.unlink(self.path)
         except FileNotFoundError:
             pass
 
@@ -173,6 +186,62 @@ def test_an_agent_that_takes_the_command_and_never_answers_is_125_not_a_rerun(
     assert "did not answer within 1 s" in str(info.value)
 
 
+def test_a_sync_client_gives_up_on_an_agent_that_froze_after_accepting(project, monkeypatch):
+    """READY, then silence: a working agent says ALIVE every few seconds, so a silent one is
+    frozen; the client says so in one line instead of waiting for ever."""
+    from mariner_dev.errors import GuestUnreachable
+
+    remote.stop_agent(project.name)
+    monkeypatch.setattr(proto, "SILENCE_LIMIT", 1.0)
+    fake = FakeAgent(project.name, [READY], hold=30)
+    started = time.monotonic()
+    try:
+        with pytest.raises(GuestUnreachable) as info:
+            client.run_sync(project.target, {"spec": {}, "dry_run": True})
+    finally:
+        fake.close()
+    assert time.monotonic() - started < 5
+    message = str(info.value)
+    assert "stopped answering mid-sync (nothing for 1 s)" in message and project.name in message
+
+
+def test_the_agent_says_alive_while_a_sync_works(monkeypatch):
+    """The agent side of the above: ALIVE frames while the sync runs, then the RESULT, and no
+    frame after it."""
+    from mariner_dev.remote.agent import Agent
+
+    class SlowSyncer:
+        async def run(self, request):
+            await asyncio.sleep(0.35)
+            return {"changed": 0}
+
+    monkeypatch.setattr(proto, "ALIVE_INTERVAL", 0.05)
+
+    async def scenario():
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        agent = Agent.__new__(Agent)
+        agent.syncer, agent.active, agent.build = SlowSyncer(), 0, "b"
+        agent.target = type("T", (), {"name": "x"})()
+        await agent._sync(ours, {})
+        ours.close()
+        theirs.settimeout(5)
+        frames = []
+        while True:
+            try:
+                frames.append(client.read_frame(theirs))
+            except EOFError:
+                break
+        theirs.close()
+        return frames
+
+    frames = asyncio.run(scenario())
+    kinds = [kind for kind, _ in frames]
+    assert kinds[0] == proto.READY and kinds[-1] == proto.RESULT, kinds
+    assert set(kinds[1:-1]) == {proto.ALIVE} and len(kinds[1:-1]) >= 3, kinds
+    assert proto.loads(frames[-1][1]) == {"changed": 0}
+
+
 def test_the_agent_killed_mid_command(project, tmp_path):
     """The client exits 125 within a few seconds with one line; the next command starts a new
     agent."""
@@ -222,7 +291,12 @@ def test_a_direct_command_on_a_vm_that_stops_answering_ends_by_keepalive(project
     read_fd, write_fd = os.pipe()
 
     def freeze():
-        os.read(read_fd, 100)           # the command started (it printed)
+        import select
+
+        # The command started (it printed); bounded, so the thread ends with the test.
+        if not select.select([read_fd], [], [], 20)[0]:
+            return
+        os.read(read_fd, 100)
         frozen.extend(set(_descendants(guest.sshd.pid())) - before)
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)

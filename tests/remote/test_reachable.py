@@ -3,6 +3,7 @@ forward before the guest's sshd runs) for a guest that answers SSH."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from pathlib import Path
@@ -10,23 +11,35 @@ from pathlib import Path
 from mariner_dev.remote.target import GuestTarget, tcp_reachable
 
 
+@contextlib.contextmanager
 def _listener(reply: bytes | None):
+    """A TCP listener that sends `reply` (None: nothing) to each client and hangs up after a
+    second; its thread ends with the block."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen()
+    server.settimeout(0.05)
+    stopping = threading.Event()
 
     def serve():
-        while True:
+        while not stopping.is_set():
             try:
                 conn, _ = server.accept()
-            except OSError:
-                return
-            if reply is not None:
-                conn.sendall(reply)
-            threading.Timer(1.0, conn.close).start()
+            except TimeoutError:
+                continue
+            with conn:
+                if reply is not None:
+                    conn.sendall(reply)
+                stopping.wait(1.0)
 
-    threading.Thread(target=serve, daemon=True).start()
-    return server
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stopping.set()
+        thread.join(10)
+        server.close()
 
 
 def _target(port: int) -> GuestTarget:
@@ -35,27 +48,18 @@ def _target(port: int) -> GuestTarget:
 
 
 def test_silent_listener_is_not_reachable():
-    server = _listener(None)
-    try:
-        assert tcp_reachable(_target(server.getsockname()[1]), timeout=0.3) is False
-    finally:
-        server.close()
+    with _listener(None) as port:
+        assert tcp_reachable(_target(port), timeout=0.3) is False
 
 
 def test_listener_that_closes_at_once_is_not_reachable():
-    server = _listener(b"")
-    try:
-        assert tcp_reachable(_target(server.getsockname()[1]), timeout=0.3) is False
-    finally:
-        server.close()
+    with _listener(b"") as port:
+        assert tcp_reachable(_target(port), timeout=0.3) is False
 
 
 def test_ssh_banner_is_reachable():
-    server = _listener(b"SSH-2.0-OpenSSH_9.2\r\n")
-    try:
-        assert tcp_reachable(_target(server.getsockname()[1]), timeout=1.0) is True
-    finally:
-        server.close()
+    with _listener(b"SSH-2.0-OpenSSH_9.2\r\n") as port:
+        assert tcp_reachable(_target(port), timeout=1.0) is True
 
 
 def test_closed_port_is_not_reachable():

@@ -195,14 +195,18 @@ def _exec_counting(mx, project, args, expect_bytes):
 def test_100mb_of_output_with_flat_memory(mx, project):
     size = 100 * 1000 * 1000
     small, small_peak = _exec_counting(mx, project, ["--", "head", "-c", "1000", "/dev/zero"], 1000)
+    # The agent's buffers reach their bound (the channel window and the writer's queue, ~12
+    # MiB) on a first large output; what is measured is growth beyond that with 5x the output.
+    warm = 20 * 1000 * 1000
+    warmed, _ = _exec_counting(mx, project, ["--", "head", "-c", str(warm), "/dev/zero"], warm)
     agent_before = _rss_hwm_kib(_agent_pid(project.name)) if mx.mode == "require" else 0
     total, peak = _exec_counting(mx, project, ["--", "head", "-c", str(size), "/dev/zero"], size)
-    assert (small, total) == (1000, size)
+    assert (small, warmed, total) == (1000, warm, size)
     # Neither process grows with the output: a bounded queue, not the whole stream.
     assert peak < small_peak + 40 * 1024, (peak, small_peak)
     if mx.mode == "require":
         agent_after = _rss_hwm_kib(_agent_pid(project.name))
-        assert agent_after < agent_before + 40 * 1024, (agent_before, agent_after)
+        assert agent_after < agent_before + 24 * 1024, (agent_before, agent_after)
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 7), (signal.SIGINT, 8)])

@@ -23,7 +23,7 @@ from support.guest_sshd import free_port
 from sync_helpers import EchoServer, echo_roundtrip, write
 
 CLIENTS = 64
-ROUNDS = 3
+ROUNDS = int(os.environ.get("MARINER_STRESS_ROUNDS", "3"))   # more when hunting a race
 
 
 def _env(path_file) -> dict:
@@ -90,10 +90,15 @@ def test_concurrent_clients_get_exactly_their_own_bytes(home, guest, project, ag
             sync = subprocess.Popen(mariner_cmd() + ["sync"], cwd=p.dir, env=env,
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE)
-            forwarded: list[bytes] = []
+            forwarded: list = []
             blob = secrets.token_bytes(256 * 1024)
-            fwd = threading.Thread(target=lambda: forwarded.append(
-                echo_roundtrip(host_port, blob)))
+
+            def roundtrip():
+                try:
+                    forwarded.append(echo_roundtrip(host_port, blob))
+                except OSError as exc:
+                    forwarded.append(exc)
+            fwd = threading.Thread(target=roundtrip)
             fwd.start()
             results = {}
             threads = []
@@ -115,8 +120,17 @@ def test_concurrent_clients_get_exactly_their_own_bytes(home, guest, project, ag
             assert not wrong, f"round {round_}: {len(wrong)} wrong: {wrong[:5]}"
             assert sync.returncode == 0, sync_err
             assert b"Traceback" not in sync_err
-            assert forwarded == [blob], (len(forwarded[0]) if forwarded else None,
-                                         client.agent_forwards(target)["forwards"])
+            if forwarded != [blob]:
+                got = forwarded[0] if forwarded else None
+                if isinstance(got, bytes):
+                    at = next((i for i, (a, b) in enumerate(zip(got, blob)) if a != b),
+                              min(len(got), len(blob)))
+                    got = f"{len(got)} bytes, first difference at {at}: {got[at:at + 40]!r}"
+                log = client.log_path(cfg.name)
+                tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+                pytest.fail(f"round {round_}: the forward got {got!r} "
+                            f"(forwards: {client.agent_forwards(target)['forwards']}); "
+                            f"agent log:\n{tail}")
             assert client.agent_pid(cfg.name) == pid     # one agent served it all
         for i in range(20):
             assert (guest.home / tree / f"f{i}.txt").read_text() == f"file {i}\n" * (i + 1)
