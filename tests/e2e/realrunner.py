@@ -93,8 +93,9 @@ def run_virtiofsd(runner: str, argv: list[str]) -> int:
         source = (base / tag / "source").read_text().strip()
         with open(f".virtiofsd-{tag}.log", "ab") as log:
             children.append(subprocess.Popen(
-                [realhost.VIRTIOFSD, f"--socket-path={sock}", "-o", f"source={source}",
-                 "-o", "cache=auto"], stdin=subprocess.DEVNULL, stdout=log, stderr=log))
+                _as_this_user([realhost.VIRTIOFSD, f"--socket-path={sock}",
+                               "-o", f"source={source}", "-o", "cache=auto"], tag),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log))
         print(f"virtiofsd-{tag}: started (pid {children[-1].pid}) on {sock}", flush=True)
     while not stopping:
         time.sleep(0.2)
@@ -107,3 +108,19 @@ def run_virtiofsd(runner: str, argv: list[str]) -> int:
         except subprocess.TimeoutExpired:
             child.kill()
     return 0
+
+
+def _as_this_user(argv: list[str], tag: str) -> list[str]:
+    """Debian's C virtiofsd insists on root for its sandbox and switches to each guest
+    request's ids; the nixpkgs virtiofsd a real runner starts runs as the developer. As a user,
+    run it in a user namespace that maps the user's own ids to themselves, with the namespace's
+    capabilities kept: files of the guest user (the developer's uid) are the developer's, as
+    with the real one (guest root, unmapped here, can create nothing), and its lock file goes
+    to a private /run."""
+    if os.geteuid() == 0:
+        return argv
+    private_run = Path(f".virtiofsd-{tag}.run").absolute()
+    private_run.mkdir(exist_ok=True)
+    return ["unshare", "--user", f"--map-user={os.getuid()}", f"--map-group={os.getgid()}",
+            "--keep-caps", "--mount", "sh", "-c", 'mount --bind "$0" /run && exec "$@"',
+            str(private_run), *argv]

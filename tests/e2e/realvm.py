@@ -88,6 +88,9 @@ class RealVm:
     uid: int
     gid: int
     up_result: dict | None = None
+    # how mariner's Python starts: this interpreter, or (runner mode as the developer's own
+    # account) setpriv and the system's python3
+    python: tuple[str, ...] = ()
 
     @property
     def home(self) -> Path:
@@ -124,7 +127,7 @@ class RealVm:
     def mariner(self, *args: str, cwd: Path | None = None, timeout: float = 300,
                 check: int | None = None, input: str | None = None) -> subprocess.CompletedProcess:
         """Run the real `mariner` entry point in a subprocess (in the project by default)."""
-        proc = subprocess.run([sys.executable, "-m", "mariner_dev", *args],
+        proc = subprocess.run([*self.mariner_argv(), *args],
                               cwd=cwd or self.project, env=self.env, capture_output=True,
                               text=True, timeout=timeout, input=input,
                               stdin=None if input is not None else subprocess.DEVNULL)
@@ -132,6 +135,9 @@ class RealVm:
         if check is not None:
             assert proc.returncode == check, (args, proc.returncode, proc.stdout, proc.stderr)
         return proc
+
+    def mariner_argv(self) -> list[str]:
+        return [*(self.python or (sys.executable,)), "-m", "mariner_dev"]
 
     def up(self, *args: str) -> dict:
         # The developer approves the project's host settings (what a test wrote) first.

@@ -1,6 +1,7 @@
 """The runner backend against a real VM: `nix build` (the e2e fake, realrunner.py) produces a
 runner whose microvm-run is real QEMU and whose virtiofsd-run starts Debian's virtiofsd per
-share; mariner's own supervisor runs them, with no microvm, systemctl or sudo. The tests run in
+share; mariner's own supervisor runs them, with no microvm, systemctl or sudo, all as the
+developer's own unprivileged account (created when the suite runs as root). The tests run in
 file order on one VM: up, exec, sync, shell, down (clean, disk kept), up, a crash, destroy."""
 
 from __future__ import annotations
@@ -8,26 +9,75 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
-import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from mariner_dev.host import supervisor
-from realvm import free_port, make_vm, teardown_vm, wait_for
+from realhost import DEFAULT_GID
+from realvm import GUEST_UID, free_port, make_vm, teardown_vm, wait_for
+from support import unprivileged
 
 pytestmark = pytest.mark.e2e
 
 
+ACCOUNT = "mariner-dev"
+
+
 @pytest.fixture(scope="module")
-def vm(module_base, e2e_image):
-    vm = make_vm(module_base, e2e_image, "e2e-runner", ssh_port=free_port(),
+def vm(e2e_image):
+    # Runner mode needs no root: the developer's own account (uid GUEST_UID, the project's
+    # owner) runs mariner, QEMU and virtiofsd. Its files live where it can reach them (pytest's
+    # own tmp dirs are root's, 0700), the guest image is linked there too.
+    account = unprivileged.ensure_account(ACCOUNT, uid=GUEST_UID, group=DEFAULT_GID)
+    if unprivileged.is_root():
+        assert (account.pw_uid, account.pw_gid) == (GUEST_UID, DEFAULT_GID), account
+    base = Path(tempfile.mkdtemp(prefix="mre2e-runner-", dir="/tmp"))
+    base.chmod(0o755)
+    try:
+        yield from _vm(base, e2e_image, account)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _vm(base, e2e_image, account):
+    image = base / "image"
+    image.mkdir()
+    for name in ("rootfs.img", "vmlinuz", "initrd.img"):
+        try:
+            os.link(e2e_image / name, image / name)
+        except OSError:
+            shutil.copy2(e2e_image / name, image / name)
+    vm = make_vm(base, image, "e2e-runner", ssh_port=free_port(),
                  user_toml='[dotfiles]\nfiles = ["~/.gitconfig"]\n')
+    vm.env = unprivileged.account_env(account, vm.env)
     vm.env["MARINER_BACKEND"] = "runner"
-    vm.env["MARINER_FAKE_NIX_STORE"] = str(module_base / "nix-store")  # the fake nix's store
+    vm.env["MARINER_FAKE_NIX_STORE"] = str(base / "nix-store")  # the fake nix's store
+    vm.env["NIX_STATE_DIR"] = str(base / "nix-state")   # nix-instantiate, as the account
+    # QEMU runs with TCG here (machines' /dev/kvm is root's, or hangs): the backend's preflight
+    # is shown a KVM device the account may open.
+    vm.env["MARINER_E2E_ACCEL"] = "tcg"
+    (base / "kvm").write_text("")
+    vm.env["MARINER_KVM"] = str(base / "kvm")
+    (base / "nix-state").mkdir()
+    # No supplementary groups: Debian's C virtiofsd (the stand-in for the real runner's) drops
+    # them with setgroups(), which a user namespace of an unprivileged account refuses.
+    python, vm.env["PYTHONPATH"] = unprivileged.python_argv(account, base,
+                                                            supplementary_groups=False)
+    vm.python = tuple(python)
     (vm.home / ".gitconfig").write_text("[user]\n\tname = Runner Mode\n")
+    for key in ("MARINER_HOME", "XDG_STATE_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME",
+                "XDG_DATA_HOME", "MARINER_FAKE_NIX_STORE"):
+        Path(vm.env[key]).mkdir(parents=True, exist_ok=True)
+    if unprivileged.is_root():
+        os.chown(base, account.pw_uid, account.pw_gid)
+    # (not the image and the packages: hard links to the cache's and the venv's own files)
+    unprivileged.give_to(account, *[p for p in base.iterdir() if p.name not in ("image", "site")],
+                         Path(vm.env["XDG_RUNTIME_DIR"]))
     try:
         yield vm
     finally:
@@ -74,6 +124,10 @@ def test_up_builds_and_boots_under_mariners_supervisor(vm):
     assert (state / "disk.qcow2").is_file()  # the runner's volumes, relative to <state>
     assert not (Path(vm.env["MARINER_MICROVMS_DIR"]) / vm.name).exists()
     assert len(_pids(vm)) == 3
+    for pid in _pids(vm):   # the supervisor, QEMU and virtiofsd-run: the developer's, not root's
+        uid = next(int(line.split()[2]) for line in open(f"/proc/{pid}/status")
+                   if line.startswith("Uid:"))
+        assert uid == (GUEST_UID if unprivileged.is_root() else os.getuid()), (pid, uid)
     console = _console(vm)
     started = console.index("virtiofsd-run started")
     assert started < console.index("e2e runner: qemu-system-x86_64")  # virtiofsd first
@@ -92,7 +146,7 @@ def test_exec_reaches_the_mounted_project_with_the_developers_ownership(vm):
 def test_sync_and_a_shell_command(vm):
     vm.mariner("sync", check=0)
     assert vm.guest_text("cat ~/.gitconfig") == "[user]\n\tname = Runner Mode"
-    proc = subprocess.run([sys.executable, "-m", "mariner_dev", "shell", "pwd; exit 3"],
+    proc = subprocess.run([*vm.mariner_argv(), "shell", "pwd; exit 3"],
                           cwd=vm.project / "src" / "pkg", env=vm.env, capture_output=True,
                           text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert "Traceback" not in proc.stderr

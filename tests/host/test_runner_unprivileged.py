@@ -114,22 +114,6 @@ def test_the_runner_backend_as_an_unprivileged_account(fakehost, monkeypatch):
 
 # -- the whole CLI, as an unprivileged account, on a host without microvm or systemctl -------
 
-def _readable_site_packages(base: Path) -> Path:
-    """The test venv's packages copied where another account can read them (the venv may sit
-    in root's 0700 home); mariner itself comes from the checkout on PYTHONPATH."""
-    import sysconfig
-
-    source = Path(sysconfig.get_paths()["purelib"])
-    target = base / "site"
-    skip = ("pip", "setuptools", "_pytest", "pytest", "pkg_resources", "mariner_dev",
-            "_editable", "__pycache__", "_distutils_hack")
-    shutil.copytree(source, target, symlinks=True,
-                    ignore=lambda d, names: [n for n in names
-                                             if d == str(source) and n.startswith(skip)
-                                             or n.endswith(".pth")])
-    return target
-
-
 def _path_without_host_module(base: Path) -> str:
     """A PATH with what a plain Linux machine has (/usr/bin, /bin) and the fake `nix`, but no
     `microvm`, `systemctl` or `journalctl`."""
@@ -157,17 +141,15 @@ def test_the_cli_lifecycle_as_an_unprivileged_account_without_microvm_or_systemc
     """Issue 13's "done when": with neither microvm nor systemctl on PATH, `up`, `exec`,
     `shell`, `sync`, `down`, `up` (disk kept) and `destroy` work as an unprivileged user, the
     backend chosen by `auto`, and nothing in the account's files belongs to anyone else."""
+    from support import unprivileged
+
     require_tool("sshd")
     require_tool("setpriv")
-    root = os.geteuid() == 0
-    user = ACCOUNT if root else pwd.getpwuid(os.getuid()).pw_name
-    if root:
-        ensure_guest_user(ACCOUNT)
-        # The stand-in guest's sshd runs as the account (a real VM's runs as root in the
-        # guest). OpenSSH gives a session's PTY to group tty, which a non-root sshd may only do
-        # as a member, where /dev/pts is not mounted with gid=5 (as on this kind of machine).
-        subprocess.run(["usermod", "-a", "-G", "tty", ACCOUNT], check=True, capture_output=True)
-    account = pwd.getpwnam(user)
+    # The stand-in guest's sshd runs as the account (a real VM's runs as root in the guest).
+    # OpenSSH gives a session's PTY to group tty, which a non-root sshd may only do as a
+    # member where /dev/pts is not mounted with gid=5 (as on this kind of machine).
+    account = unprivileged.ensure_account(ACCOUNT, groups=("tty",))
+    user = account.pw_name
     base = Path(tempfile.mkdtemp(prefix="mrc-", dir="/tmp"))
     name = f"cli{os.getpid() % 100000}"
     dotfile = f".mt-{name}-rc"
@@ -197,22 +179,15 @@ def test_the_cli_lifecycle_as_an_unprivileged_account_without_microvm_or_systemc
         log = base / "fakehost.log"
         log.write_text("")
         env = {key: str(value) for key, value in dirs.items()}
+        env = unprivileged.account_env(account, env)
         env.update({
             "PATH": _path_without_host_module(base), "NO_COLOR": "1", "MARINER_AGENT": "auto",
             "MARINER_KVM": str(base / "kvm"),  # the fake runner needs no real KVM
             "MARINER_FAKEHOST_LOG": str(log), "MARINER_FAKE_NIX_STORE": str(base / "nix-store"),
             "MARINER_FAKE_VSOCK_DIR": str(base / "vsock"),
             "NIX_STATE_DIR": str(base / "nix-state"), "LANG": "C.UTF-8"})
-        if root:
-            python = shutil.which("python3", path="/usr/bin:/bin")
-            env["PYTHONPATH"] = f"{_readable_site_packages(base)}{os.pathsep}{REPO}"
-            prefix = ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}",
-                      "--init-groups", python]
-        else:
-            env["PYTHONPATH"] = str(REPO)
-            prefix = [sys.executable]
-        for path in [base, *base.rglob("*")]:
-            os.lchown(path, account.pw_uid, account.pw_gid)
+        prefix, env["PYTHONPATH"] = unprivileged.python_argv(account, base)
+        unprivileged.give_to(account, base)
 
         def mariner(*args: str, check: int | None = 0) -> subprocess.CompletedProcess:
             proc = subprocess.run([*prefix, "-m", "mariner_dev", *args], cwd=project_dir,
