@@ -24,14 +24,25 @@ SSH_PORT_RANGE = range(22200, 23200)   # where allocated user-mode SSH ports com
 HOST_LOCK_TIMEOUT = 30.0
 
 
+def lock_directory(cfg: ProjectConfig | None = None) -> Path:
+    """What allocation locks: the microvm state directory, shared by every user of a
+    microvm.nix host; in runner mode the user's own VM directory (created, private): runner
+    VMs are the user's alone, a cid another user's VM holds is replaced when the VM starts,
+    and a host's /var/lib/microvms that this user may not read must not stop them."""
+    if cfg is not None and cfg.backend == "runner":
+        return paths.ensure_private_dir(vms_dir(cfg))
+    return paths.microvms_dir()
+
+
 @contextlib.contextmanager
-def host_lock(timeout: float | None = None) -> Iterator[None]:
+def host_lock(timeout: float | None = None, directory: Path | None = None) -> Iterator[None]:
     """A host-wide lock around allocation, shared by every user's mariner: an flock on the
-    microvm state directory itself, opened read-only, so it needs no file anyone can write
-    (a world-writable lock file in /tmp lets any local user hold every mariner up). Held only
-    while cids and ports are chosen; a wait for it is bounded."""
+    microvm state directory itself (or `directory`, see lock_directory), opened read-only, so
+    it needs no file anyone can write (a world-writable lock file in /tmp lets any local user
+    hold every mariner up). Held only while cids and ports are chosen; a wait for it is
+    bounded."""
     timeout = HOST_LOCK_TIMEOUT if timeout is None else timeout
-    directory = paths.microvms_dir()
+    directory = directory or paths.microvms_dir()
     try:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -181,7 +192,7 @@ def reserve(cfg: ProjectConfig, registry: Registry | None = None,
     """The VM's registry record, created or updated so its cid and SSH port are unique on
     the host; `taken` adds cids found in use ({cid: the VM that holds it})."""
     registry = registry or Registry()
-    with host_lock(), registry.transaction() as vms:
+    with host_lock(directory=lock_directory(cfg)), registry.transaction() as vms:
         claimed = vms.get(cfg.name)
         record = check_ownership(cfg, claimed)
         released = claimed is not None and record is None   # a stale claim

@@ -12,7 +12,9 @@ Layout of `<state>`, beside what the runner creates (volumes, sockets):
     flake            the flake reference the VM is built from (as the microvm backend keeps it)
     current          -> the runner the last build produced (the out-link of `nix build`, which
                      Nix also registers as a GC root)
-    booted           -> the runner the running VM started from (removed when it stops)
+    booted           -> the runner the running VM started from (removed when it stops), a
+                     GC root too (`nix-store --add-root`): after a rebuild, a garbage
+                     collection must not take the runner whose microvm-shutdown `down` runs
     supervisor.json  the supervisor's pid and start time, the QEMU pid, the state, the result
     console.log      the serial console and the supervisor's own `mariner:` lines
 """
@@ -156,6 +158,7 @@ class RunnerHost(HostBackend):
             (directory / supervisor.STOP_REQUEST).unlink()
         except FileNotFoundError:
             pass
+        self._root_booted(directory)
         before = supervisor.read_record(str(directory))
         log = os.open(directory / supervisor.SUPERVISOR_LOG,
                       os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -178,6 +181,14 @@ class RunnerHost(HostBackend):
                                 f"{START_TIMEOUT:g} s; see {directory / supervisor.SUPERVISOR_LOG}")
             time.sleep(0.02)
         self._check_vsock_cid(name, directory)
+
+    def _root_booted(self, directory: Path) -> None:
+        """`booted`, pointing at the runner `current` names, registered as a GC root before the
+        supervisor starts from it (the supervisor re-links the same target; the root is the
+        link's path, so it holds while the VM runs and lapses once the link is removed)."""
+        runner = os.readlink(directory / "current")
+        commands.run("nix-store", ["--realise", runner, "--add-root", str(directory / "booted"),
+                                   "--indirect"], timeout=START_TIMEOUT)
 
     def _check_vsock_cid(self, name: str, directory: Path) -> None:
         """QEMU fails at once when another VM on the host (another user's: mariner cannot see

@@ -52,12 +52,18 @@ def _vm(base, e2e_image, account):
             os.link(e2e_image / name, image / name)
         except OSError:
             shutil.copy2(e2e_image / name, image / name)
+    # The account's `nix build` evaluates through the pinned upstream sources: a copy it can
+    # read, wherever ../shared is.
+    from support import upstream
+
+    shutil.copytree(upstream.locate_src(), base / "upstream-src", symlinks=True)
     vm = make_vm(base, image, "e2e-runner", ssh_port=free_port(),
                  user_toml='[dotfiles]\nfiles = ["~/.gitconfig"]\n')
     vm.env = unprivileged.account_env(account, vm.env)
     vm.env["MARINER_BACKEND"] = "runner"
     vm.env["MARINER_FAKE_NIX_STORE"] = str(base / "nix-store")  # the fake nix's store
     vm.env["NIX_STATE_DIR"] = str(base / "nix-state")   # nix-instantiate, as the account
+    vm.env["MARINER_UPSTREAM_SRC"] = str(base / "upstream-src")
     # QEMU runs with TCG here (machines' /dev/kvm is root's, or hangs): the backend's preflight
     # is shown a KVM device the account may open.
     vm.env["MARINER_E2E_ACCEL"] = "tcg"
@@ -66,7 +72,7 @@ def _vm(base, e2e_image, account):
     (base / "nix-state").mkdir()
     # No supplementary groups: Debian's C virtiofsd (the stand-in for the real runner's) drops
     # them with setgroups(), which a user namespace of an unprivileged account refuses.
-    python, vm.env["PYTHONPATH"] = unprivileged.python_argv(account, base,
+    python, vm.env["PYTHONPATH"] = unprivileged.python_argv(account,
                                                             supplementary_groups=False)
     vm.python = tuple(python)
     (vm.home / ".gitconfig").write_text("[user]\n\tname = Runner Mode\n")
@@ -75,8 +81,8 @@ def _vm(base, e2e_image, account):
         Path(vm.env[key]).mkdir(parents=True, exist_ok=True)
     if unprivileged.is_root():
         os.chown(base, account.pw_uid, account.pw_gid)
-    # (not the image and the packages: hard links to the cache's and the venv's own files)
-    unprivileged.give_to(account, *[p for p in base.iterdir() if p.name not in ("image", "site")],
+    # (not the image: hard links to the cache's own files)
+    unprivileged.give_to(account, *[p for p in base.iterdir() if p.name != "image"],
                          Path(vm.env["XDG_RUNTIME_DIR"]))
     try:
         yield vm

@@ -125,6 +125,46 @@ def _build(args: list[str], features: set[str]) -> int:
     return 0
 
 
+def nix_store_main(argv: list[str]) -> int:
+    """`nix-store --realise PATH --add-root LINK [--indirect]`, what mariner runs to keep the
+    runner a VM booted from: strict about its arguments, PATH must be a valid path of the fake
+    store and LINK absolute; LINK is (re)made atomically, as Nix does, and recorded as a root
+    in the store's `.gcroots`."""
+    args = list(argv)
+    path = link = None
+    while args:
+        arg = args.pop(0)
+        if arg in ("-r", "--realise") and args and path is None:
+            path = args.pop(0)
+        elif arg == "--add-root" and args and link is None:
+            link = args.pop(0)
+        elif arg == "--indirect":
+            continue
+        else:
+            raise Refused(f"fakehost: nix-store: unexpected argument {arg!r}")
+    if path is None or link is None:
+        raise Refused("fakehost: nix-store needs --realise PATH --add-root LINK")
+    store = os.environ.get("MARINER_FAKE_NIX_STORE")
+    if not store:
+        raise Refused("fakehost: MARINER_FAKE_NIX_STORE is not set")
+    if os.path.dirname(path) != store.rstrip("/"):
+        raise Refused(f"error: path '{path}' is not in the Nix store")
+    if not os.path.isdir(path):
+        raise Refused(f"error: path '{path}' is not valid")
+    if not os.path.isabs(link):
+        raise Refused(f"fakehost: mariner passes an absolute root, not {link!r}")
+    out = Path(link)
+    if out.exists() and not out.is_symlink():
+        raise Refused(f"error: cannot create symlink '{link}'; already exists")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.symlink_to(path)
+    os.replace(tmp, out)
+    with open(Path(store) / ".gcroots", "a") as fh:
+        fh.write(link + "\n")
+    print(link)
+    return 0
+
+
 # The module whose functions the runner's programs call, and the directory it lives in: the
 # e2e tier (tests/e2e/realrunner.py) puts its own here, so that its runner boots real QEMU.
 PROGRAMS = ("fakerunner", FAKEHOST)
@@ -263,8 +303,14 @@ def _claim_vsock_cid(cid: int) -> str:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
-            with contextlib.suppress(OSError, ValueError):
+            try:
                 os.kill(int(Path(path).read_text()), 0)
+                held = True
+            except PermissionError:   # alive, another user's (as a VM holding a cid often is)
+                held = True
+            except (OSError, ValueError):
+                held = False
+            if held:
                 raise Refused(f"qemu-system-x86_64: {where}: unable to set guest cid: Address "
                               f"already in use")
             with contextlib.suppress(FileNotFoundError):

@@ -200,6 +200,12 @@ def test_start_runs_virtiofsd_first_then_qemu_in_the_state_dir_and_stop_is_clean
     assert virtiofsd["argv"] == ["-u", getpass.getuser()]  # its config says user = root
     assert qemu["argv"] == []
     assert (directory / "persist.img").exists()  # volumes relative to the working directory
+    # the runner it booted from is a GC root while it runs (before the supervisor started it)
+    root, = _records(vm["fakehost"], "nix-store")
+    assert root["argv"] == ["--realise", os.readlink(directory / "current"),
+                            "--add-root", str(directory / "booted"), "--indirect"]
+    assert root["time"] < virtiofsd["time"]
+    assert os.readlink(directory / "booted") == os.readlink(directory / "current")
     host.start(name)  # already running: nothing happens
     assert len(_records(vm["fakehost"], "microvm-run")) == 1
     host.stop(name)
@@ -313,7 +319,7 @@ def test_no_sudo_and_no_microvm_or_systemctl(vm):
     wait_for(lambda: port_open(port), 20, "the guest's sshd")
     host.stop(name)
     progs = {r["prog"] for r in vm["fakehost"].records()}
-    assert progs == {"nix", "virtiofsd-run", "microvm-run", "microvm-shutdown"}
+    assert progs == {"nix", "nix-store", "virtiofsd-run", "microvm-run", "microvm-shutdown"}
 
 
 # -- the fake runner is as strict as the real one -----------------------------------------------

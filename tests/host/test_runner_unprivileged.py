@@ -105,7 +105,8 @@ def test_the_runner_backend_as_an_unprivileged_account(fakehost, monkeypatch):
         assert seen["owners"] == [account.pw_uid]  # nothing of root's in the state directory
         assert seen["destroyed"]
         progs = [json.loads(line)["prog"] for line in log.read_text().splitlines()]
-        assert set(progs) == {"nix", "virtiofsd-run", "microvm-run", "microvm-shutdown"}
+        assert set(progs) == {"nix", "nix-store", "virtiofsd-run", "microvm-run",
+                              "microvm-shutdown"}
     finally:
         monkeypatch.setenv("XDG_DATA_HOME", str(base / "xdg-data"))
         stop_runner_vms()  # whatever a failure left running
@@ -115,11 +116,12 @@ def test_the_runner_backend_as_an_unprivileged_account(fakehost, monkeypatch):
 # -- the whole CLI, as an unprivileged account, on a host without microvm or systemctl -------
 
 def _path_without_host_module(base: Path) -> str:
-    """A PATH with what a plain Linux machine has (/usr/bin, /bin) and the fake `nix`, but no
-    `microvm`, `systemctl` or `journalctl`."""
+    """A PATH with what a plain Linux machine has (/usr/bin, /bin) and the fake `nix` and
+    `nix-store`, but no `microvm`, `systemctl` or `journalctl`."""
     bin_dir = base / "bin"
     bin_dir.mkdir()
-    (bin_dir / "nix").symlink_to(FAKEHOST_BIN / "nix")
+    for prog in ("nix", "nix-store"):
+        (bin_dir / prog).symlink_to(FAKEHOST_BIN / prog)
     hidden = {"microvm", "systemctl", "journalctl", "systemd-run"}
     for directory in ("/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"):
         if not os.path.isdir(directory) or os.path.realpath(directory) != directory \
@@ -186,7 +188,7 @@ def test_the_cli_lifecycle_as_an_unprivileged_account_without_microvm_or_systemc
             "MARINER_FAKEHOST_LOG": str(log), "MARINER_FAKE_NIX_STORE": str(base / "nix-store"),
             "MARINER_FAKE_VSOCK_DIR": str(base / "vsock"),
             "NIX_STATE_DIR": str(base / "nix-state"), "LANG": "C.UTF-8"})
-        prefix, env["PYTHONPATH"] = unprivileged.python_argv(account, base)
+        prefix, env["PYTHONPATH"] = unprivileged.python_argv(account)
         unprivileged.give_to(account, base)
 
         def mariner(*args: str, check: int | None = 0) -> subprocess.CompletedProcess:
@@ -227,7 +229,8 @@ def test_the_cli_lifecycle_as_an_unprivileged_account_without_microvm_or_systemc
         assert not state_dir.exists()
         assert json.loads(mariner("list", "--json").stdout)["vms"] == []
         progs = {json.loads(line)["prog"] for line in log.read_text().splitlines()}
-        assert progs <= {"nix", "virtiofsd-run", "microvm-run", "microvm-shutdown"}, progs
+        assert progs <= {"nix", "nix-store", "virtiofsd-run", "microvm-run",
+                         "microvm-shutdown"}, progs
         strangers = [str(p) for p in [base, *base.rglob("*")]
                      if p.lstat().st_uid != account.pw_uid]
         assert strangers == []          # nothing of root's among the account's files

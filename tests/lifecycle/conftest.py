@@ -40,6 +40,12 @@ class Project:
     guest_root: Path
     guest_uid: int
     backend: str = "microvm"
+    # Runner mode as root: mariner runs as the project's owner (the guest account), an
+    # unprivileged account, through `python` (setpriv and the system's python3); `owned` is
+    # what the account owns (handed back to it before each command: the test writes as root).
+    account: object | None = None
+    python: tuple[str, ...] = ()
+    owned: Path | None = None
 
     @property
     def host_vms_dir(self) -> Path:
@@ -96,12 +102,22 @@ class Project:
         """Run the real `mariner` entry point in a subprocess, in the project directory."""
         full_env = dict(os.environ)
         full_env.update(env or {})
-        proc = subprocess.run([sys.executable, "-m", "mariner_dev", *args], cwd=self.dir,
+        proc = subprocess.run(self.argv(*args), cwd=self.dir,
                               env=full_env, capture_output=True, text=True, timeout=timeout)
         assert "Traceback" not in proc.stderr, proc.stderr
         if check is not None:
             assert proc.returncode == check, (proc.returncode, proc.stdout, proc.stderr)
         return proc
+
+    def argv(self, *args: str) -> list[str]:
+        """The command line of `mariner ARGS` as the developer: this interpreter, or in
+        runner mode as root the unprivileged account (its files handed back to it first)."""
+        if self.account is not None:
+            from support import unprivileged
+
+            unprivileged.give_to(self.account, self.owned)
+            return [*self.python, "-m", "mariner_dev", *args]
+        return [sys.executable, "-m", "mariner_dev", *args]
 
     def up_json(self, *args: str, check: int | None = 0, env: dict | None = None) -> dict:
         proc = self.mariner("up", "--json", *args, check=check, env=env)
@@ -156,8 +172,14 @@ def backend(request, monkeypatch) -> str:
 
 
 @pytest.fixture
-def project(fake_host, isolated_env, backend):
-    """A project owned by the guest account, in a directory the guest account can reach."""
+def project(fake_host, isolated_env, backend, monkeypatch):
+    """A project owned by the guest account, in a directory the guest account can reach.
+
+    On the runner backend, when the suite runs as root, mariner runs as that account (runner
+    mode needs no root): its HOME, MARINER_HOME, XDG directories and the fake host's files
+    move into a directory it owns, and the guest's sshd (started by the account's runner) runs
+    as it too."""
+    from support.fakehost import stop_runner_vms
     from support.guest_sshd import ensure_guest_user
 
     uid, _home = ensure_guest_user(GUEST_USER)
@@ -171,10 +193,71 @@ def project(fake_host, isolated_env, backend):
     name = "t" + uuid.uuid4().hex[:10]
     proj = Project(dir=directory, name=name, log=fake_host, guest_root=guest_root, guest_uid=uid,
                    backend=backend)
+    if backend == "runner" and os.geteuid() == 0:
+        _as_the_account(proj, base, monkeypatch)
     proj.write()
-    yield proj
-    _stop_agents(proj.host_vms_dir)
-    shutil.rmtree(base, ignore_errors=True)
+    try:
+        yield proj
+    finally:
+        if proj.account is not None:
+            # The account's agents (mariner refuses, rightly, to use another uid's runtime
+            # directory, root's included) and VMs, before their directories go with `base`.
+            _kill_agents(Path(os.environ["XDG_RUNTIME_DIR"]))
+            stop_runner_vms()
+        else:
+            _stop_agents(proj.host_vms_dir)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _kill_agents(runtime: Path) -> None:
+    """SIGTERM every agent whose lock file is in `runtime` (`<name>.lock`: pid and start time)
+    and wait for it to exit."""
+    import signal
+    import time
+
+    from mariner_dev.procid import start_time
+
+    for lock in runtime.glob("**/*.lock"):
+        try:
+            fields = lock.read_text().split()
+            pid, started = int(fields[0]), int(fields[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if start_time(pid) != started:
+            continue
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while start_time(pid) == started and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+def _as_the_account(proj: Project, base: Path, monkeypatch) -> None:
+    from support import unprivileged
+
+    # OpenSSH gives a session's PTY to group tty, which the guest's sshd (running as the
+    # account, as it would not in a real VM) may only do as a member where /dev/pts is not
+    # mounted with gid=5.
+    account = unprivileged.ensure_account(GUEST_USER, groups=("tty",))
+    env_dir = base / "env"
+    env_dir.mkdir()
+    places = {"HOME": "home", "MARINER_HOME": "mariner-home", "XDG_STATE_HOME": "xdg-state",
+              "XDG_CONFIG_HOME": "xdg-config", "XDG_CACHE_HOME": "xdg-cache",
+              "XDG_DATA_HOME": "xdg-data", "XDG_RUNTIME_DIR": "run",
+              "MARINER_FAKE_NIX_STORE": "nix-store", "MARINER_FAKE_VSOCK_DIR": "vsock-cids",
+              "NIX_STATE_DIR": "nix-state"}
+    for variable, sub in places.items():
+        (env_dir / sub).mkdir(mode=0o700)
+        monkeypatch.setenv(variable, str(env_dir / sub))
+    (env_dir / "kvm").write_text("")        # the fake runner needs no KVM
+    monkeypatch.setenv("MARINER_KVM", str(env_dir / "kvm"))
+    proj.log = env_dir / "fakehost.log"
+    proj.log.write_text("")
+    monkeypatch.setenv("MARINER_FAKEHOST_LOG", str(proj.log))
+    for variable, value in unprivileged.account_env(account, {}).items():
+        monkeypatch.setenv(variable, value)
+    python, pythonpath = unprivileged.python_argv(account)
+    monkeypatch.setenv("PYTHONPATH", pythonpath)
+    proj.account, proj.python, proj.owned = account, tuple(python), base
 
 
 def _stop_agents(vms_dir: Path) -> None:

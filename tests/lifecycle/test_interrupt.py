@@ -55,7 +55,7 @@ class Up:
         self.project = project
         self.err_file = project.dir.parent / f"up-{uuid.uuid4().hex[:6]}.err"
         with open(self.err_file, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "mariner_dev", "up"],
+            self.proc = subprocess.Popen(project.argv("up"),
                                          cwd=project.dir, env={**os.environ, **(env or {})},
                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=err)

@@ -108,8 +108,8 @@ def test_destroy_by_name_from_anywhere_after_the_project_is_gone(project, tmp_pa
     shutil.rmtree(project.dir)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "mariner_dev", "destroy", "--name",
-                           project.name, "--force"], cwd=elsewhere, capture_output=True,
+    proc = subprocess.run(project.argv("destroy", "--name",
+                           project.name, "--force"), cwd=elsewhere, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert f"VM {project.name} destroyed" in proc.stderr
@@ -117,13 +117,13 @@ def test_destroy_by_name_from_anywhere_after_the_project_is_gone(project, tmp_pa
     assert project.name not in _registry()
     # a name that is not ours is not destroyed by name either
     (_microvms() / "handmade").mkdir()
-    proc = subprocess.run([sys.executable, "-m", "mariner_dev", "destroy", "--name",
-                           "handmade", "--force"], cwd=elsewhere, capture_output=True,
+    proc = subprocess.run(project.argv("destroy", "--name",
+                           "handmade", "--force"), cwd=elsewhere, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "did not create" in proc.stderr
     assert (_microvms() / "handmade").is_dir()
-    proc = subprocess.run([sys.executable, "-m", "mariner_dev", "destroy", "--name", "../x",
-                           "--force"], cwd=elsewhere, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(project.argv("destroy", "--name", "../x",
+                           "--force"), cwd=elsewhere, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 

@@ -156,7 +156,7 @@ def _on_a_terminal(project, *args: str, answer: bytes, until: bytes, timeout: fl
     import time
 
     leader, follower = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "mariner_dev", *args], cwd=project.dir,
+    proc = subprocess.Popen(project.argv(*args), cwd=project.dir,
                             stdin=follower, stdout=follower, stderr=follower, close_fds=True)
     os.close(follower)
     seen, answered = b"", False

@@ -212,11 +212,12 @@ def test_ctrl_c_while_waiting_for_ssh_then_up_runs_post_start(project):
     marker = project.dir / "hooks.log"
     project.write(extra=f'[hooks]\npost_start = "echo start >> {marker}"\n')
     env = dict(os.environ, MARINER_FAKE_BOOT_DELAY="2")
-    proc = subprocess.Popen([sys.executable, "-m", "mariner_dev", "up"], cwd=project.dir,
+    proc = subprocess.Popen(project.argv("up"), cwd=project.dir,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while not any(project.is_start(c) for c in project.host_calls()):
-        assert time.monotonic() < deadline
+        assert proc.poll() is None, ("`up` ended before the start", proc.communicate())
+        assert time.monotonic() < deadline, "no start within 60 s"
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -252,14 +253,14 @@ def test_build_failure_names_the_key(project):
     assert project.up_json()["created"] is True
 
 
-def test_other_project_cannot_take_the_name(project, tmp_path):
+def test_other_project_cannot_take_the_name(project):
     project.up_json()
-    other = tmp_path / "other"
+    other = project.dir.parent / "other"
     other.mkdir()
     (other / "mariner.toml").write_text(project.config.read_text())
     before = (Path(os.environ["MARINER_HOME"]) / "registry.json").read_text()
     for command in (["up"], ["down"], ["destroy", "-f"], ["status"]):
-        proc = subprocess.run([sys.executable, "-m", "mariner_dev", *command], cwd=other,
+        proc = subprocess.run(project.argv(*command), cwd=other,
                               capture_output=True, text=True)
         assert proc.returncode == 2, (command, proc.stderr)
         assert "[vm] name" in proc.stderr and "Traceback" not in proc.stderr
@@ -276,7 +277,7 @@ def test_refuses_a_vm_it_did_not_create(project):
 
 def test_two_concurrent_ups_create_once(project):
     env = dict(os.environ, MARINER_FAKE_BUILD_DELAY="2")
-    cmd = [sys.executable, "-m", "mariner_dev", "up", "--json"]
+    cmd = project.argv("up", "--json")
     first = subprocess.Popen(cmd, cwd=project.dir, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     time.sleep(0.5)
@@ -294,7 +295,7 @@ def test_two_concurrent_ups_create_once(project):
 
 def test_fail_if_locked(project):
     env = dict(os.environ, MARINER_FAKE_BUILD_DELAY="3")
-    first = subprocess.Popen([sys.executable, "-m", "mariner_dev", "up"], cwd=project.dir,
+    first = subprocess.Popen(project.argv("up"), cwd=project.dir,
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 10
@@ -315,7 +316,7 @@ def test_fail_if_locked(project):
 
 def test_ctrl_c_during_build_then_up_completes(project):
     env = dict(os.environ, MARINER_FAKE_BUILD_DELAY="3")
-    proc = subprocess.Popen([sys.executable, "-m", "mariner_dev", "up"], cwd=project.dir,
+    proc = subprocess.Popen(project.argv("up"), cwd=project.dir,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 15
     while not any(project.is_build(c, create=True) for c in project.host_calls()):

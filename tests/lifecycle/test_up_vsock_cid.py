@@ -16,9 +16,10 @@ def backend(monkeypatch) -> str:
 
 
 @pytest.fixture
-def vhost_vsock(tmp_path, monkeypatch) -> Path:
-    """A usable /dev/vhost-vsock for the fake QEMU, and the host's table of cids in use."""
-    device = tmp_path / "vhost-vsock"
+def vhost_vsock(project, monkeypatch) -> Path:
+    """A usable /dev/vhost-vsock for the fake QEMU (where the developer's account can open
+    it), and the host's table of cids in use."""
+    device = project.dir.parent / "vhost-vsock"
     device.write_text("")
     monkeypatch.setenv("MARINER_VHOST_VSOCK", str(device))
     return Path(os.environ["MARINER_FAKE_VSOCK_DIR"])

@@ -60,13 +60,25 @@ def _group_exists(group: str) -> bool:
     return True
 
 
-def readable_site_packages(base: Path) -> Path:
-    """The test venv's third-party packages under `base/site`, readable by any account
-    (hard links where the file system allows, else copies); mariner comes from the checkout."""
+_SITE: list[Path] = []
+
+
+def readable_site_packages() -> Path:
+    """The test venv's third-party packages in a directory any account can read (hard links
+    where the file system allows, else copies), made once per test process and removed at its
+    exit; mariner itself comes from the checkout. Never chown what is in it: its files are the
+    venv's own."""
+    if _SITE:
+        return _SITE[0]
+    import atexit
     import sysconfig
+    import tempfile
 
     source = Path(sysconfig.get_paths()["purelib"])
-    target = base / "site"
+    top = Path(tempfile.mkdtemp(prefix="mrsite-", dir="/tmp"))
+    top.chmod(0o755)
+    atexit.register(shutil.rmtree, top, True)
+    target = top / "site"
 
     def link(src, dst):
         try:
@@ -81,21 +93,21 @@ def readable_site_packages(base: Path) -> Path:
     for path in [target, *target.rglob("*")]:
         if path.is_dir() and not path.is_symlink():
             path.chmod(0o755)
+    _SITE.append(target)
     return target
 
 
-def python_argv(account, base: Path, *, supplementary_groups: bool = True
-                ) -> tuple[list[str], str]:
+def python_argv(account, *, supplementary_groups: bool = True) -> tuple[list[str], str]:
     """(the command that starts Python as `account`, the PYTHONPATH it needs). As root:
     setpriv to the account (with its supplementary groups, or none) and the system's python3,
-    with the venv's packages linked under `base`; otherwise this interpreter, as the developer
-    running the tests."""
+    with the venv's packages where it can read them; otherwise this interpreter, as the
+    developer running the tests."""
     if not is_root():
         return [sys.executable], str(REPO)
     python = shutil.which("python3", path="/usr/bin:/bin")
     if python is None:
         raise RuntimeError("no system python3 (/usr/bin/python3) for the unprivileged account")
-    site = readable_site_packages(base)
+    site = readable_site_packages()
     return (["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}",
              "--init-groups" if supplementary_groups else "--clear-groups", python],
             f"{site}{os.pathsep}{REPO}")

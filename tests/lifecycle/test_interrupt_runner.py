@@ -1,0 +1,78 @@
+"""SIGINT or SIGTERM to a real `mariner up` in each phase, on the runner backend (mariner's own
+supervisor, as the developer's unprivileged account when the suite runs as root); the next
+`up` completes. The build and a Ctrl-C while waiting for SSH are in test_up.py (both
+backends); the microvm backend's own phases (sudo, systemd units) are in test_interrupt.py."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from support.fakehost import port_open
+from test_interrupt import Up, _completes, _registry
+
+
+@pytest.fixture
+def backend(monkeypatch) -> str:
+    monkeypatch.setenv("MARINER_BACKEND", "runner")
+    return "runner"
+
+
+def test_allocation(project):
+    """Waiting for the allocation lock, which in runner mode is the user's own VM directory
+    (another `mariner up` of theirs holds it)."""
+    vms = Path(os.environ["XDG_DATA_HOME"]) / "mariner" / "vms"
+    vms.mkdir(parents=True, exist_ok=True)
+    project.argv()              # (hands the directory to the developer's account, if any)
+    fd = os.open(vms, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        up = Up(project)
+        up.wait_until(lambda: "checking the configuration" in up.stderr, "the config check")
+        time.sleep(0.5)
+        assert up.proc.poll() is None and project.name not in _registry()
+        up.interrupt(signal.SIGTERM)
+    finally:
+        os.close(fd)
+    assert project.changing_calls() == []
+    _completes(project)
+
+
+def test_start_waiting_for_the_guest(project):
+    """The supervisor runs virtiofsd-run and the runner; `up` waits for SSH."""
+    up = Up(project, {"MARINER_FAKE_BOOT_DELAY": "5"})
+    up.wait_until(lambda: any(project.is_start(c) for c in project.host_calls()), "the start")
+    up.wait_until(lambda: "waiting for SSH" in up.stderr, "the wait for SSH")
+    up.interrupt(signal.SIGTERM)
+    _completes(project)
+
+
+def test_pin(project):
+    up = Up(project, {"MARINER_FAKE_BOOT_DELAY": "1"})
+    up.wait_until(lambda: "waiting for SSH" in up.stderr, "the wait for SSH")
+    port = _registry()[project.name]["ssh_port"]
+    up.wait_until(lambda: port_open(port), "the guest's sshd", poll=0.005)
+    up.interrupt(signal.SIGINT)
+    _completes(project)
+
+
+@pytest.mark.parametrize("hook,sig", [("post_create", signal.SIGINT),
+                                      ("post_start", signal.SIGTERM)])
+def test_hooks(project, hook, sig):
+    marker = project.dir / "hook.log"
+    slow = project.dir / "slow"
+    slow.write_text("")
+    project.write(extra=f'[hooks]\n{hook} = "echo run >> {marker}; '
+                        f'if [ -e {slow} ]; then sleep 30; fi; echo done >> {marker}"\n')
+    up = Up(project)
+    up.wait_until(lambda: marker.exists() and "run" in marker.read_text(), f"the {hook} hook")
+    up.interrupt(sig)
+    slow.unlink()
+    _completes(project)
+    lines = marker.read_text().split()
+    assert lines.count("run") == 2 and lines[-1] == "done", lines
