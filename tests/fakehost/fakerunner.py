@@ -116,13 +116,18 @@ def _build(args: list[str], features: set[str]) -> int:
         raise Refused(f"fakehost: mariner passes an absolute out-link, not {out!r}")
     runner = fakelib.build(name, flakeref, Path(store))
     complete_runner(runner, name)
-    out_path = Path(out)
-    if out_path.exists() and not out_path.is_symlink():
-        raise Refused(f"error: cannot create symlink '{out}'; already exists")
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    tmp.symlink_to(runner)
-    os.replace(tmp, out_path)
+    _out_link(Path(out), runner)
     return 0
+
+
+def _out_link(out: Path, target) -> None:
+    """Make `out` a symlink to `target` atomically, as Nix makes out-links and roots; a file
+    that is not a symlink is in the way."""
+    if out.exists() and not out.is_symlink():
+        raise Refused(f"error: cannot create symlink '{out}'; already exists")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.symlink_to(target)
+    os.replace(tmp, out)
 
 
 def nix_store_main(argv: list[str]) -> int:
@@ -153,12 +158,7 @@ def nix_store_main(argv: list[str]) -> int:
         raise Refused(f"error: path '{path}' is not valid")
     if not os.path.isabs(link):
         raise Refused(f"fakehost: mariner passes an absolute root, not {link!r}")
-    out = Path(link)
-    if out.exists() and not out.is_symlink():
-        raise Refused(f"error: cannot create symlink '{link}'; already exists")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.symlink_to(path)
-    os.replace(tmp, out)
+    _out_link(Path(link), path)
     with open(Path(store) / ".gcroots", "a") as fh:
         fh.write(link + "\n")
     print(link)

@@ -110,8 +110,13 @@ def _completes(project) -> dict:
 
 def test_allocation(project):
     """Waiting for the host-wide allocation lock (another user's mariner holds it)."""
-    microvms = os.environ["MARINER_MICROVMS_DIR"]
-    fd = os.open(microvms, os.O_RDONLY)
+    interrupted_waiting_for_the_allocation_lock(project, os.environ["MARINER_MICROVMS_DIR"])
+
+
+def interrupted_waiting_for_the_allocation_lock(project, directory) -> None:
+    """`up` waits while the allocation lock (an flock on `directory`) is held elsewhere; a
+    SIGTERM then ends it having changed nothing, and the next `up` completes."""
+    fd = os.open(directory, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         up = Up(project)
@@ -227,6 +232,11 @@ def test_dotfiles(project):
 @pytest.mark.parametrize("hook,sig", [("post_create", signal.SIGTERM),
                                       ("post_start", signal.SIGINT)])
 def test_hooks(project, hook, sig):
+    interrupted_in_a_hook(project, hook, sig)
+
+
+def interrupted_in_a_hook(project, hook: str, sig: int) -> None:
+    """`up` stopped while `hook` runs in the guest; the next `up` runs it again to the end."""
     marker = project.dir / "hook.log"
     slow = project.dir / "slow"
     slow.write_text("")

@@ -5,7 +5,6 @@ backends); the microvm backend's own phases (sudo, systemd units) are in test_in
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import time
@@ -14,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from support.fakehost import port_open
-from test_interrupt import Up, _completes, _registry
+from test_interrupt import (Up, _completes, _registry, interrupted_in_a_hook,
+                            interrupted_waiting_for_the_allocation_lock)
 
 
 @pytest.fixture
@@ -29,18 +29,7 @@ def test_allocation(project):
     vms = Path(os.environ["XDG_DATA_HOME"]) / "mariner" / "vms"
     vms.mkdir(parents=True, exist_ok=True)
     project.argv()              # (hands the directory to the developer's account, if any)
-    fd = os.open(vms, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        up = Up(project)
-        up.wait_until(lambda: "checking the configuration" in up.stderr, "the config check")
-        time.sleep(0.5)
-        assert up.proc.poll() is None and project.name not in _registry()
-        up.interrupt(signal.SIGTERM)
-    finally:
-        os.close(fd)
-    assert project.changing_calls() == []
-    _completes(project)
+    interrupted_waiting_for_the_allocation_lock(project, vms)
 
 
 def test_start_waiting_for_the_guest(project):
@@ -64,15 +53,4 @@ def test_pin(project):
 @pytest.mark.parametrize("hook,sig", [("post_create", signal.SIGINT),
                                       ("post_start", signal.SIGTERM)])
 def test_hooks(project, hook, sig):
-    marker = project.dir / "hook.log"
-    slow = project.dir / "slow"
-    slow.write_text("")
-    project.write(extra=f'[hooks]\n{hook} = "echo run >> {marker}; '
-                        f'if [ -e {slow} ]; then sleep 30; fi; echo done >> {marker}"\n')
-    up = Up(project)
-    up.wait_until(lambda: marker.exists() and "run" in marker.read_text(), f"the {hook} hook")
-    up.interrupt(sig)
-    slow.unlink()
-    _completes(project)
-    lines = marker.read_text().split()
-    assert lines.count("run") == 2 and lines[-1] == "done", lines
+    interrupted_in_a_hook(project, hook, sig)
