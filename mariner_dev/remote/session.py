@@ -544,7 +544,23 @@ class RemoteProcess:
             self._pump.stop()
         self._out.close()
         self._err.close()
-        await asyncio.shield(self.loop.run_in_executor(None, self._join_threads))
+        # A thread of its own, not the loop's shared executor: a writer may wait as long as
+        # the client's reader does (`exec ... | less`, left open), and a few such commands
+        # must not hold every worker that the other commands' releases wait for.
+        joined = self.loop.create_future()
+
+        def join() -> None:
+            try:
+                self._join_threads()
+            finally:
+                try:
+                    self.loop.call_soon_threadsafe(
+                        lambda: joined.done() or joined.set_result(None))
+                except RuntimeError:  # the loop is closed: nobody waits any more
+                    pass
+
+        threading.Thread(target=join, name="mariner-release", daemon=True).start()
+        await asyncio.shield(joined)
 
     def _join_threads(self) -> None:
         for thread in (self._out, self._err, self._pump):

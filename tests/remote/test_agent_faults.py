@@ -326,3 +326,40 @@ def ExecRequestFor(script: str):
 
     return ExecRequest(build_command(None, workdir="/", env={}, shell_command=script),
                        tty=False, stdin=False)
+
+
+def test_clients_that_stop_reading_do_not_stall_the_others(project, tmp_path):
+    """Commands whose output nobody reads (`mariner exec -- cat big | less`, less left open)
+    finish in the guest while the agent still holds their output: waiting for those writes must
+    not take the agent's shared worker threads, or every later command would hang at its end."""
+    import subprocess
+
+    from support.fixtures import REPO, mariner_cmd
+
+    env = dict(os.environ, MARINER_AGENT="require", PYTHONPATH=str(REPO))
+    assert run_mariner("exec", "--", "true", cwd=project.dir,
+                       env={"MARINER_AGENT": "require"}).returncode == 0
+    stuck = []
+    try:
+        for _ in range(12):     # more than the default executor's workers on any machine here
+            read_end, write_end = os.pipe()
+            proc = subprocess.Popen(
+                mariner_cmd() + ["exec", "--", "head", "-c", "1000000", "/dev/zero"],
+                cwd=project.dir, env=env, stdin=subprocess.DEVNULL, stdout=write_end,
+                stderr=subprocess.DEVNULL)
+            os.close(write_end)
+            stuck.append((proc, read_end))
+        time.sleep(2)           # their commands have ended in the guest; no one reads
+        started = time.monotonic()
+        result = run_mariner("exec", "--", "echo", "still-served", cwd=project.dir,
+                             env={"MARINER_AGENT": "require"}, timeout=30)
+        assert (result.returncode, result.stdout) == (0, b"still-served\n"), result.stderr
+        assert time.monotonic() - started < 10
+    finally:
+        for proc, read_end in stuck:
+            os.close(read_end)      # the readers go: the agent's writes fail, the clients end
+        for proc, _ in stuck:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
