@@ -93,18 +93,22 @@ import time as _time  # noqa: E402
 _THREAD_GRACE = 3.0
 
 
-@pytest.hookimpl(hookwrapper=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item):
     item._threads_before = set(_threading.enumerate())
-    yield
+    return (yield)
 
 
-@pytest.hookimpl(hookwrapper=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item, nextitem):
-    yield
+    result = yield
     before = getattr(item, "_threads_before", None)
-    if before is None:
-        return
+    if before is not None:
+        _fail_on_threads_left(item, before)
+    return result
+
+
+def _fail_on_threads_left(item, before: set) -> None:
     deadline = _time.monotonic() + _THREAD_GRACE
     while True:
         left = [t for t in _threading.enumerate() if t not in before and t.is_alive()]
@@ -118,7 +122,7 @@ def pytest_runtest_teardown(item, nextitem):
         lines = []
         for thread in left:
             stack = frames.get(thread.ident)
-            where = "".join(traceback.format_stack(stack)[-2:]) if stack else "?"
+            where = "".join(traceback.format_stack(stack)[-4:]) if stack else "?"
             lines.append(f"{thread.name}:\n{where}")
         report = os.environ.get("MARINER_TEST_THREAD_REPORT")
         if report:
