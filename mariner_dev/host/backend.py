@@ -8,6 +8,7 @@ SSH) implements the same methods and nothing above this layer changes.
 
 from __future__ import annotations
 
+import os
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -35,6 +36,24 @@ def check_vm_name(name: str) -> str:
         raise HostError(f"{name!r} is not a usable VM name (letters, digits, '-', '_', '.'; "
                         f"at most 64 characters, starting with a letter or digit)")
     return name
+
+
+# Characters a `path:` flake reference carries through Nix's URL parser unchanged.
+_FLAKE_PATH = re.compile(r"^/[A-Za-z0-9._+,@~/-]*$")
+
+
+def check_flake_dir(flake_dir: Path) -> Path:
+    """`flake_dir` if a VM can be built from it (absolute, nameable in a `path:` flake
+    reference, holding flake.nix); ValueError for a relative one, HostError otherwise."""
+    flake_dir = Path(flake_dir)
+    if not flake_dir.is_absolute():
+        raise ValueError(f"the flake directory must be absolute, not {str(flake_dir)!r}")
+    if not _FLAKE_PATH.match(str(flake_dir)):
+        raise HostError(f"{flake_dir}: a `path:` flake reference cannot carry this directory "
+                        f"name (use letters, digits and . _ + , @ ~ / - only)")
+    if not (flake_dir / "flake.nix").is_file():
+        raise HostError(f"{flake_dir / 'flake.nix'} does not exist")
+    return flake_dir
 
 
 class VsockCidInUse(HostError):
@@ -106,6 +125,10 @@ class HostBackend(ABC):
     def vms_dir(self) -> Path:
         """The directory that holds one directory per VM (the backend's state directory)."""
 
+    def vm_dir(self, name: str) -> Path:
+        """The VM's own directory in vms_dir (HostError for a name that cannot be one)."""
+        return self.vms_dir / check_vm_name(name)
+
     @abstractmethod
     def create(self, name: str, flake_dir: Path, *, timeout: float | None = None) -> None:
         """Build the VM `name` from the flake in the absolute directory `flake_dir` and register it.
@@ -156,13 +179,22 @@ class HostBackend(ABC):
         """The last `lines` lines of the VM's log (for error messages)."""
         return list(self.logs(name, lines=lines))
 
-    @abstractmethod
     def list_vms(self) -> list[str]:
-        """The names of every VM the host has, created by mariner or not, sorted."""
+        """The names of every VM the host has, created by mariner or not, sorted: the
+        directories in vms_dir (not hidden ones, not symlinks)."""
+        directory = self.vms_dir
+        try:
+            entries = list(os.scandir(directory))
+        except FileNotFoundError:
+            return []
+        except PermissionError:
+            raise HostError(f"cannot list {directory}: permission denied") from None
+        return sorted(e.name for e in entries
+                      if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
 
     def exists(self, name: str) -> bool:
-        """True when the host has a VM called `name`."""
-        return name in self.list_vms()
+        """True when the host has a VM called `name` (its directory in vms_dir)."""
+        return self.vm_dir(name).is_dir()
 
     def doctor_checks(self, network_mode: str | None = None) -> list[Check]:
         """Checks of this host's readiness for `mariner doctor` (none by default). With

@@ -9,7 +9,6 @@ ExecStopPost removes `booted`), and `-c` adds GC roots `<gcroots>/<name>`, `boot
 from __future__ import annotations
 
 import os
-import re
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Iterable, Iterator
 from .. import paths
 from ..errors import HostError, HostUnavailable
 from . import commands
-from .backend import HostBackend, HostVmStatus, check_vm_name
+from .backend import HostBackend, HostVmStatus, check_flake_dir, check_vm_name
 from .nixerror import (NixBuildError, build_failure, explain_build_error,
                        option_config_key)
 
@@ -26,9 +25,6 @@ __all__ = ["MicrovmHost", "NixBuildError", "explain_build_error", "option_config
            "gcroots_dir", "unit_name"]
 
 DEFAULT_GCROOTS_DIR = "/nix/var/nix/gcroots/microvm"
-
-# Characters a `path:` flake reference carries through Nix's URL parser unchanged.
-_FLAKE_PATH = re.compile(r"^/[A-Za-z0-9._+,@~/-]*$")
 
 _SHOW_PROPERTIES = ("Id", "ActiveState", "SubState", "ActiveEnterTimestampMonotonic")
 _STATE_FOLD = {"reloading": "active", "refreshing": "active", "maintenance": "deactivating"}
@@ -94,9 +90,6 @@ class MicrovmHost(HostBackend):
     def vms_dir(self) -> Path:
         return self.microvms_dir
 
-    def vm_dir(self, name: str) -> Path:
-        return self.microvms_dir / check_vm_name(name)
-
     # An instance name for asking systemd whether the microvm@ template is installed: an
     # instance of an installed template loads ("loaded"), a template cannot be asked directly.
     _PROBE_UNIT = "microvm@mariner-preflight.service"
@@ -131,14 +124,7 @@ class MicrovmHost(HostBackend):
 
     def create(self, name: str, flake_dir: Path, *, timeout: float | None = None) -> None:
         check_vm_name(name)
-        flake_dir = Path(flake_dir)
-        if not flake_dir.is_absolute():
-            raise ValueError(f"the flake directory must be absolute, not {str(flake_dir)!r}")
-        if not _FLAKE_PATH.match(str(flake_dir)):
-            raise HostError(f"{flake_dir}: a `path:` flake reference cannot carry this directory "
-                            f"name (use letters, digits and . _ + , @ ~ / - only)")
-        if not (flake_dir / "flake.nix").is_file():
-            raise HostError(f"{flake_dir / 'flake.nix'} does not exist")
+        flake_dir = check_flake_dir(flake_dir)
         if os.path.lexists(self.vm_dir(name)):
             raise HostError(f"VM {name} already exists on this host ({self.vm_dir(name)})",
                             hint="`mariner destroy` removes it")
@@ -265,19 +251,6 @@ class MicrovmHost(HostBackend):
         if follow:
             args.append("-f")
         return commands.stream("journalctl", args)
-
-    def list_vms(self) -> list[str]:
-        try:
-            entries = list(os.scandir(self.microvms_dir))
-        except FileNotFoundError:
-            return []
-        except PermissionError:
-            raise HostError(f"cannot list {self.microvms_dir}: permission denied") from None
-        return sorted(e.name for e in entries
-                      if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
-
-    def exists(self, name: str) -> bool:
-        return self.vm_dir(name).is_dir()
 
     def doctor_checks(self, network_mode: str | None = None):
         from ..doctor import microvm_host_checks

@@ -32,11 +32,11 @@ from typing import Iterator
 
 from ..errors import HostError
 from . import commands, supervisor
-from .backend import HostBackend, HostVmStatus, VsockCidInUse, check_vm_name
+from .backend import (HostBackend, HostVmStatus, VsockCidInUse, check_flake_dir,
+                      check_vm_name)
 from .nixerror import build_failure
 
 NIX_FEATURES = ["--extra-experimental-features", "nix-command flakes"]
-_FLAKE_PATH = re.compile(r"^/[A-Za-z0-9._+,@~/-]*$")
 _UNIT_OF = {"starting": "activating", "running": "active", "stopping": "deactivating",
             "stopped": "inactive", "failed": "failed"}
 START_TIMEOUT = 15.0
@@ -82,9 +82,6 @@ class RunnerHost(HostBackend):
     def vms_dir(self) -> Path:
         return self.root
 
-    def vm_dir(self, name: str) -> Path:
-        return self.root / check_vm_name(name)
-
     def check_usable(self) -> None:
         """Nix on PATH and /dev/kvm read-write for this user: what every runner-mode VM needs
         (`mariner doctor` checks the rest: user namespaces, newuidmap, disk space)."""
@@ -100,14 +97,7 @@ class RunnerHost(HostBackend):
 
     def create(self, name: str, flake_dir: Path, *, timeout: float | None = None) -> None:
         check_vm_name(name)
-        flake_dir = Path(flake_dir)
-        if not flake_dir.is_absolute():
-            raise ValueError(f"the flake directory must be absolute, not {str(flake_dir)!r}")
-        if not _FLAKE_PATH.match(str(flake_dir)):
-            raise HostError(f"{flake_dir}: a `path:` flake reference cannot carry this directory "
-                            f"name (use letters, digits and . _ + , @ ~ / - only)")
-        if not (flake_dir / "flake.nix").is_file():
-            raise HostError(f"{flake_dir / 'flake.nix'} does not exist")
+        flake_dir = check_flake_dir(flake_dir)
         directory = self.vm_dir(name)
         if os.path.lexists(directory / "current"):
             raise HostError(f"VM {name} already exists on this host ({directory})",
@@ -323,19 +313,6 @@ class RunnerHost(HostBackend):
     def logs(self, name: str, *, follow: bool = False, lines: int | None = None) -> Iterator[str]:
         path = self.vm_dir(name) / supervisor.CONSOLE_LOG
         return _read_log(path, follow=follow, lines=lines)
-
-    def list_vms(self) -> list[str]:
-        try:
-            entries = list(os.scandir(self.root))
-        except FileNotFoundError:
-            return []
-        except PermissionError:
-            raise HostError(f"cannot list {self.root}: permission denied") from None
-        return sorted(e.name for e in entries
-                      if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
-
-    def exists(self, name: str) -> bool:
-        return self.vm_dir(name).is_dir()
 
     def doctor_checks(self, network_mode: str | None = None):
         from ..doctor import runner_host_checks
