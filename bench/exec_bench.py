@@ -24,14 +24,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO))
+from guest_project import guest_project, mariner_command
 
 
 def median_seconds(argv: list[str], runs: int, env: dict, **kw) -> float:
@@ -76,32 +74,16 @@ def main() -> int:
     parser.add_argument("--mib", type=int, default=200)
     args = parser.parse_args()
 
-    from support.fixtures import make_project, start_guest, stop_guest
-
-    base = Path(tempfile.mkdtemp(prefix="mariner-bench-"))
-    runtime = Path(tempfile.mkdtemp(prefix="mrb-", dir="/tmp"))
-    os.chmod(runtime, 0o700)
-    env = dict(os.environ)
-    env.update({"MARINER_HOME": str(base / "mariner-home"), "XDG_RUNTIME_DIR": str(runtime),
-                "HOME": str(base / "home"), "PYTHONPATH": str(REPO)})
-    # An installed mariner has compiled bytecode; this environment may forbid writing it.
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    for key in ("MARINER_AGENT", "MARINER_DEBUG_PATH_FILE", "SSH_AUTH_SOCK"):
-        env.pop(key, None)
-    guest = start_guest(base / "guest")
     control = Path(f"/tmp/mrb-cm-{os.getpid()}")
-    try:
-        proj = make_project(guest, {k: env[k] for k in ("MARINER_HOME", "XDG_RUNTIME_DIR",
-                                                        "HOME")})
-        os.environ.update({k: env[k] for k in ("MARINER_HOME", "XDG_RUNTIME_DIR", "HOME")})
+    with guest_project("mariner-bench-", "mrb-") as run, _master_closed(control):
+        base, env, proj = run.base, run.env, run.project
         from mariner_dev import remote, sshconfig
 
         sshconfig.write_entry(proj.cfg, proj.record)
         cfg_file = str(sshconfig.paths.ssh_config_file())
         host = f"mariner-{proj.name}"
         ssh = shutil.which("ssh")
-        script = Path(sys.executable).with_name("mariner")
-        mariner = [str(script)] if script.exists() else [sys.executable, "-m", "mariner_dev"]
+        mariner = mariner_command()
         agent_env = dict(env, MARINER_AGENT="require")
         direct_env = dict(env, MARINER_AGENT="off")
         cwd = proj.dir
@@ -169,19 +151,17 @@ def main() -> int:
         print(f"  agent / ssh throughput {s_time / m_time:6.2f}x   (target >= 0.8x)")
         print(f"  direct / ssh throughput {s_time / d_time:5.2f}x")
         del size
+    return 0
+
+
+@contextmanager
+def _master_closed(control: Path):
+    """The ControlMaster on `control` (if one was opened) is told to exit at the end."""
+    try:
+        yield
     finally:
         subprocess.run([shutil.which("ssh") or "ssh", "-o", f"ControlPath={control}", "-O",
                         "exit", "x"], capture_output=True)
-        try:
-            from mariner_dev.remote.client import stop_agent
-
-            stop_agent(proj.name)
-        except Exception:  # noqa: BLE001 - best-effort cleanup
-            pass
-        stop_guest(guest)
-        shutil.rmtree(base, ignore_errors=True)
-        shutil.rmtree(runtime, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -15,17 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO))
+from guest_project import guest_project, mariner_command
 
 
 def rss_kib(pid: int) -> int:
@@ -53,28 +48,12 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=20)
     args = parser.parse_args()
 
-    from support.fixtures import make_project, start_guest, stop_guest
-
-    base = Path(tempfile.mkdtemp(prefix="mariner-soak-"))
-    runtime = Path(tempfile.mkdtemp(prefix="mrs-", dir="/tmp"))
-    os.chmod(runtime, 0o700)
-    env = dict(os.environ)
-    env.update({"MARINER_HOME": str(base / "mariner-home"), "XDG_RUNTIME_DIR": str(runtime),
-                "HOME": str(base / "home"), "PYTHONPATH": str(REPO)})
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    for key in ("MARINER_DEBUG_PATH_FILE", "SSH_AUTH_SOCK"):
-        env.pop(key, None)
-    env["MARINER_AGENT"] = "require"
-    guest = start_guest(base / "guest")
-    failed = False
-    try:
-        proj = make_project(guest, {k: env[k] for k in ("MARINER_HOME", "XDG_RUNTIME_DIR",
-                                                        "HOME")})
-        os.environ.update({k: env[k] for k in ("MARINER_HOME", "XDG_RUNTIME_DIR", "HOME")})
+    with guest_project("mariner-soak-", "mrs-") as run:
+        env, proj = run.env, run.project
+        env["MARINER_AGENT"] = "require"
         from mariner_dev.remote.client import agent_pid
 
-        script = Path(sys.executable).with_name("mariner")
-        mariner = [str(script)] if script.exists() else [sys.executable, "-m", "mariner_dev"]
+        mariner = mariner_command()
 
         def one(n: int) -> str | None:
             proc = subprocess.run([*mariner, "exec", "--", "sh", "-c", f"echo {n}; exit {n % 7}"],
@@ -112,16 +91,6 @@ def main() -> int:
             print("  fds at start only:   " + ", ".join(sorted(set(fds0) - set(fds1))))
             print("  fds at end only:     " + ", ".join(sorted(set(fds1) - set(fds0))))
         failed = bool(errors) or pid_end != pid or len(fds0) != len(fds1) or abs(growth) > 10
-    finally:
-        try:
-            from mariner_dev.remote.client import stop_agent
-
-            stop_agent(proj.name)
-        except Exception:  # noqa: BLE001 - best-effort cleanup
-            pass
-        stop_guest(guest)
-        shutil.rmtree(base, ignore_errors=True)
-        shutil.rmtree(runtime, ignore_errors=True)
     return 1 if failed else 0
 
 
