@@ -22,7 +22,6 @@ Environment: MARINER_E2E_IMAGE, MARINER_E2E_ACCEL (see realhost.py).
 
 from __future__ import annotations
 
-import getpass
 import os
 import signal
 import subprocess
@@ -74,16 +73,7 @@ def run_vm(runner: str, argv: list[str]) -> int:
 
 def run_virtiofsd(runner: str, argv: list[str]) -> int:
     runner = Path(runner)
-    user = None
-    args = list(argv)
-    while args:
-        arg = args.pop(0)
-        if arg in ("-u", "--user") and args:
-            user = args.pop(0)
-        else:
-            raise Refused(f"Error: option {arg} not recognized (e2e supervisord)", 2)
-    if os.geteuid() != 0 and (user or "root") != getpass.getuser():
-        raise Refused("Error: Can't drop privilege as nonroot user", 2)
+    fakerunner.check_supervisord_args(argv, "e2e")
     base = runner / "share" / "microvm" / "virtiofs"
     children = []
     stopping = []

@@ -439,8 +439,10 @@ def shutdown_vm(runner: str, argv: list[str]) -> int:
     return 0
 
 
-def run_virtiofsd(runner: str, argv: list[str]) -> int:
-    runner = Path(runner)
+def check_supervisord_args(argv: list[str], who: str = "fakehost") -> None:
+    """Refuse virtiofsd-run's arguments as its supervisord does: any but `-u USER`, and, when
+    not run as root, a USER other than the caller (upstream's config says user = root, so
+    without `-u` it is root too). `who` names the stand-in in the message."""
     user = None
     args = list(argv)
     while args:
@@ -448,10 +450,14 @@ def run_virtiofsd(runner: str, argv: list[str]) -> int:
         if arg in ("-u", "--user") and args:
             user = args.pop(0)
         else:
-            raise Refused(f"Error: option {arg} not recognized (fakehost supervisord)", 2)
-    me = getpass.getuser()
-    if os.geteuid() != 0 and (user or "root") != me:
+            raise Refused(f"Error: option {arg} not recognized ({who} supervisord)", 2)
+    if os.geteuid() != 0 and (user or "root") != getpass.getuser():
         raise Refused("Error: Can't drop privilege as nonroot user", 2)
+
+
+def run_virtiofsd(runner: str, argv: list[str]) -> int:
+    runner = Path(runner)
+    check_supervisord_args(argv)
     shares = []
     base = runner / "share" / "microvm" / "virtiofs"
     for tag in sorted(os.listdir(base)):

@@ -338,6 +338,29 @@ def test_fake_runner_refuses_vsock_without_vhost_vsock(vm, monkeypatch, tmp_path
     assert any("vhost-vsock" in line for line in host.log_tail(name, 10))
 
 
+def test_fake_supervisord_takes_only_dash_u_and_as_a_user_only_that_user(monkeypatch):
+    """virtiofsd-run's supervisord stand-in (fakerunner's; the e2e tier's calls the same check)
+    refuses what supervisord refuses: any other option, and as a user any other user, root by
+    default (upstream's config says user = root)."""
+    import fakerunner
+    from fakelib import Refused
+
+    fakerunner.check_supervisord_args(["-u", "someone"])  # root may become anyone
+    with pytest.raises(Refused, match=r"option --bogus not recognized \(e2e supervisord\)") as exc:
+        fakerunner.check_supervisord_args(["-u", "dev", "--bogus"], "e2e")
+    assert exc.value.status == 2
+    monkeypatch.setattr(fakerunner.os, "geteuid", lambda: 1234)
+    monkeypatch.setattr(fakerunner.getpass, "getuser", lambda: "dev")
+    fakerunner.check_supervisord_args(["-u", "dev"])
+    fakerunner.check_supervisord_args(["--user", "dev"])
+    for argv in ([], ["-u", "root"], ["-u", "someone"]):
+        with pytest.raises(Refused, match="Can't drop privilege as nonroot user") as exc:
+            fakerunner.check_supervisord_args(argv)
+        assert exc.value.status == 2
+    with pytest.raises(Refused, match="option -u not recognized"):
+        fakerunner.check_supervisord_args(["-u"])  # no user after it
+
+
 # -- doctor for the runner backend ---------------------------------------------------------------
 
 def test_doctor_on_the_runner_backend(monkeypatch):
