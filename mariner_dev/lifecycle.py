@@ -369,8 +369,6 @@ def _write_ssh_config(cfg: ProjectConfig, record: VmRecord, result: UpResult) ->
 def _after_boot(cfg: ProjectConfig, registry: Registry, record: VmRecord, target,
                 result: UpResult, fresh_boot: bool, progress: Progress) -> None:
     """Dotfiles on first boot and after a rebuild; post_create until it succeeds; post_start."""
-    from . import remote
-
     if cfg.dotfiles.files or cfg.dotfiles.repository:
         from .sync import config_fingerprint, sync_dotfiles
 
@@ -384,26 +382,30 @@ def _after_boot(cfg: ProjectConfig, registry: Registry, record: VmRecord, target
         record = _update_record(registry, cfg.name, dotfiles_hash="none")
     env = cfg.env_dict
     if cfg.hooks.post_create and not record.post_create_done:
-        progress("running the post_create hook")
-        status = remote.run_hook(target, cfg.hooks.post_create, cwd=cfg.workspace_mount, env=env)
-        _interrupted_hook("post_create", status)
-        if status != 0:
-            result.hook_failed, result.hook_exit = "post_create", status
-            raise HookFailed(result)
+        _run_hook(target, cfg, "post_create", cfg.hooks.post_create, env, result, progress)
         record = _update_record(registry, cfg.name, post_create_done=True)
     elif not cfg.hooks.post_create and not record.post_create_done:
         record = _update_record(registry, cfg.name, post_create_done=True)
     # Pending from the start until it succeeds: an `up` interrupted after starting the VM, or
     # whose post_start failed, leaves it for the next `up`.
     if cfg.hooks.post_start and (fresh_boot or record.post_start_pending):
-        progress("running the post_start hook")
-        status = remote.run_hook(target, cfg.hooks.post_start, cwd=cfg.workspace_mount, env=env)
-        _interrupted_hook("post_start", status)
-        if status != 0:
-            result.hook_failed, result.hook_exit = "post_start", status
-            raise HookFailed(result)
+        _run_hook(target, cfg, "post_start", cfg.hooks.post_start, env, result, progress)
     if record.post_start_pending:
         _update_record(registry, cfg.name, post_start_pending=False)
+
+
+def _run_hook(target, cfg: ProjectConfig, hook: str, command: str, env: dict,
+              result: UpResult, progress: Progress) -> None:
+    """Run the [hooks] `hook` (its `command`) in the guest's workspace; an interrupted or
+    failed one ends the `up` (HookFailed carries which hook and its exit status)."""
+    from . import remote
+
+    progress(f"running the {hook} hook")
+    status = remote.run_hook(target, command, cwd=cfg.workspace_mount, env=env)
+    _interrupted_hook(hook, status)
+    if status != 0:
+        result.hook_failed, result.hook_exit = hook, status
+        raise HookFailed(result)
 
 
 def _interrupted_hook(hook: str, status: int) -> None:
