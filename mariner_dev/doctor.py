@@ -126,7 +126,7 @@ def check_kvm(required: bool = True) -> Check:
     if not stat.S_ISCHR(st.st_mode):
         return _verdict("kvm", required, False, "/dev/kvm is not a character device", fix)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        return _kvm_answers(path, required, fix, "/dev/kvm opens")
     except PermissionError:
         group = _group_name(st.st_gid)
         if group == "kvm" and st.st_mode & 0o060 == 0o060:
@@ -136,6 +136,16 @@ def check_kvm(required: bool = True) -> Check:
         return _verdict("kvm", required, False,
                         f"/dev/kvm is not usable: mode {stat.filemode(st.st_mode)}, group "
                         f"{group}", "give the kvm group read-write access to /dev/kvm")
+
+
+def _kvm_answers(path: Path, required: bool, fix: str, opens: str) -> Check:
+    """Open `path` read-write and ask KVM its API version: "`opens` (KVM API version N)" when
+    it answers, else why not, with `fix`. PermissionError (this user may not open it) is the
+    caller's to explain: each backend gets at /dev/kvm its own way."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except PermissionError:
+        raise
     except OSError as exc:
         return _verdict("kvm", required, False, f"cannot open /dev/kvm: {exc.strerror}", fix)
     try:
@@ -144,7 +154,7 @@ def check_kvm(required: bool = True) -> Check:
         return _verdict("kvm", required, False, f"/dev/kvm does not answer: {exc.strerror}", fix)
     finally:
         os.close(fd)
-    return _verdict("kvm", required, True, f"/dev/kvm opens (KVM API version {version})", None)
+    return _verdict("kvm", required, True, f"{opens} (KVM API version {version})", None)
 
 
 def _group_name(gid: int) -> str:
@@ -643,22 +653,12 @@ def check_kvm_user() -> Check:
     if not path.exists():
         return _verdict("kvm", True, False, "/dev/kvm does not exist", fix)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        return _kvm_answers(path, True, fix, "/dev/kvm opens read-write")
     except PermissionError:
         st = path.stat()
         return _verdict("kvm", True, False, f"{getpass.getuser()} cannot open /dev/kvm "
                         f"read-write (mode {stat.filemode(st.st_mode)}, group "
                         f"{_group_name(st.st_gid)})", KVM_GROUP_FIX)
-    except OSError as exc:
-        return _verdict("kvm", True, False, f"cannot open /dev/kvm: {exc.strerror}", fix)
-    try:
-        version = fcntl.ioctl(fd, KVM_GET_API_VERSION)
-    except OSError as exc:
-        return _verdict("kvm", True, False, f"/dev/kvm does not answer: {exc.strerror}", fix)
-    finally:
-        os.close(fd)
-    return _verdict("kvm", True, True, f"/dev/kvm opens read-write (KVM API version {version})",
-                    None)
 
 
 def check_nix_runner() -> Check:

@@ -463,3 +463,21 @@ def test_mariner_home(tmp_path, monkeypatch, kind, words):
     check = check_mariner_home()
     assert words in check.detail
     assert check.status == ("ok" if kind == "missing" else "fail")
+
+
+def test_both_kvm_checks_open_and_ask_kvm_the_same_way(tmp_path):
+    """check_kvm (microvm backend) and check_kvm_user (runner backend) share _kvm_answers: a
+    device that will not open or does not answer KVM's ioctl is named, with the check's fix."""
+    absent = doctor._kvm_answers(tmp_path / "absent", False, "load kvm", "/dev/kvm opens")
+    assert (absent.status, absent.fix) == ("warn", "load kvm")
+    assert absent.detail == "cannot open /dev/kvm: No such file or directory"
+    not_kvm = tmp_path / "not-kvm"
+    not_kvm.write_text("")
+    silent = doctor._kvm_answers(not_kvm, True, "load kvm", "/dev/kvm opens")
+    assert (silent.status, silent.required) == ("fail", True)
+    assert silent.detail.startswith("/dev/kvm does not answer: ")
+    if os.access("/dev/kvm", os.R_OK | os.W_OK):
+        for check, opens in ((doctor.check_kvm(), "/dev/kvm opens (KVM API version "),
+                             (doctor.check_kvm_user(), "/dev/kvm opens read-write (KVM API "
+                                                       "version ")):
+            assert check.status == "ok" and check.detail.startswith(opens), check
