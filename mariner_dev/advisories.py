@@ -5,7 +5,8 @@ value lands in the Nix store, which every user and process on the host (and in t
 read, and stays there until garbage-collected. A repository that ships `GITHUB_TOKEN = "ghp_…"`
 or a developer who pastes `DB_PASSWORD` there leaks it. The config stays valid (a name like
 `TOKEN_URL` may be harmless), but validate says so and points to `exec -e` / `--env-file`,
-which pass values at run time and write nothing.
+which pass values at run time and write nothing. The shapes of secrets are secret_shapes.py's,
+the table `[dotfiles]` refuses files by.
 
 Resources beyond the host: more vCPUs than the host has cores, or more memory than its RAM,
 still boot (QEMU overcommits) but contend with the host; a warning, not an error.
@@ -17,29 +18,19 @@ import os
 import re
 
 from .errors import ConfigProblem
+from .secret_shapes import find
 
 # Name parts (split on "_") that mark a secret; "PWD" is the working directory, not one.
 _SECRET_WORDS = {"TOKEN", "SECRET", "SECRETS", "PASSWORD", "PASSWD", "PASSPHRASE",
                  "CREDENTIAL", "CREDENTIALS", "APIKEY", "PRIVATE"}
 _SECRET_KEYS = re.compile(r"(^|_)(API|ACCESS|SECRET|PRIVATE|SIGNING|ENCRYPTION|MASTER)_KEY($|_)")
-# Values that are credentials whatever the name says.
-_SECRET_VALUES = (
-    (re.compile(r"^(ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{20,}|^github_pat_[A-Za-z0-9_]{20,}"),
-     "a GitHub token"),
-    (re.compile(r"^glpat-[A-Za-z0-9_-]{20,}"), "a GitLab token"),
-    (re.compile(r"^xox[abprs]-[A-Za-z0-9-]{10,}"), "a Slack token"),
-    (re.compile(r"^(AKIA|ASIA)[0-9A-Z]{16}$"), "an AWS access key id"),
-    (re.compile(r"^sk-[A-Za-z0-9_-]{20,}"), "an API secret key"),
-    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"), "a private key"),
-    (re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:[^/@\s]+@"), "a URL with a password"),
-)
 
 
 def secret_reason(name: str, value: str) -> str | None:
     """Why `name = value` in [env] looks like a secret, or None."""
-    for pattern, what in _SECRET_VALUES:
-        if pattern.search(value):
-            return f"its value looks like {what}"
+    found = find(value.encode("utf-8", "surrogatepass"), value=True)
+    if found is not None:
+        return f"its value looks like {found[0].what}"
     if not value:
         return None
     upper = name.upper()

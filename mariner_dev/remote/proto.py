@@ -172,7 +172,8 @@ def build_hash() -> str:
 def _compute_build_hash() -> str:
     """A checksum of the code the agent and its clients run: a change means a new agent.
 
-    Covers this package, the sync engine and the forwards, since the agent serves those too.
+    Covers this package, the sync engine (with the secret shapes it refuses files by) and the
+    forwards, since the agent serves those too.
     Not a security boundary (the socket is 0600 in a 0700 directory), so zlib's CRC and
     Adler checksums do, and the exec fast path avoids importing hashlib.
     """
@@ -189,7 +190,7 @@ def _compute_build_hash() -> str:
                   if n.endswith(".py")]
     except OSError:
         pass
-    files.append(os.path.join(package, "forward.py"))
+    files += [os.path.join(package, "forward.py"), os.path.join(package, "secret_shapes.py")]
     crc, adler = 0, 1
     for path in files:
         try:

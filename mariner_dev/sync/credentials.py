@@ -4,15 +4,17 @@ The attack: the VM runs code nobody reviewed. A key, token or shell history sync
 handed to that code (and from there to whoever it talks to). So `[dotfiles] files` never
 copies a file that is a secret by its place under ~ (the well-known credential stores, private
 keys under ~/.ssh, shell and REPL histories), by its name (`*.pem`, `*.key`) or by its content
-(a private-key header, a token of a well-known shape), whatever it is called, unless
-`[dotfiles] allow` (per-user config only) names it. `validate` and `sync --dry-run` name each
-refused file and why. This module is the whole policy: the sync engine only asks it.
+(a private-key header, a token of a well-known shape: the table in ../secret_shapes.py, which
+`validate` also checks [env] values against), whatever it is called, unless `[dotfiles] allow`
+(per-user config only) names it. `validate` and `sync --dry-run` name each refused file and
+why. This module is the whole policy: the sync engine only asks it.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import re
+
+from ..secret_shapes import find
 
 # Files under ~/.ssh that hold nothing private; everything else there is treated as private.
 SSH_PUBLIC_NAMES = frozenset({"config", "known_hosts", "known_hosts.old"})
@@ -53,19 +55,6 @@ HISTORY_PATTERNS = (".local/share/fish/fish_history", ".config/fish/fish_history
                     ".local/share/nvim/shada/*", ".local/state/*history*",
                     ".local/share/*history*")
 
-PRIVATE_KEY_HEADER = re.compile(
-    rb"-----BEGIN ((?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?)-----")
-# Token shapes (the token itself is never printed, only what kind it is).
-TOKENS: tuple[tuple[re.Pattern, str], ...] = (
-    (re.compile(rb"\bgh[pousr]_[A-Za-z0-9]{36,}"), "a GitHub token (ghp_...)"),
-    (re.compile(rb"\bgithub_pat_[A-Za-z0-9_]{22,}"), "a GitHub token (github_pat_...)"),
-    (re.compile(rb"\bnpm_[A-Za-z0-9]{36}"), "an npm token (npm_...)"),
-    (re.compile(rb"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "an AWS access key id (AKIA...)"),
-    (re.compile(rb"\bxox[bpas]-[0-9A-Za-z-]{10,}"), "a Slack token (xoxb-/xoxp-...)"),
-    (re.compile(rb"_authToken\s*=\s*\S"), "a registry token (_authToken=...)"),
-    (re.compile(rb"\bglpat-[0-9A-Za-z_-]{20,}"), "a GitLab token (glpat-...)"),
-    (re.compile(rb"\bpypi-AgEIcHlwaS5vcmc[0-9A-Za-z_-]{20,}"), "a PyPI token (pypi-...)"),
-)
 # A header or token split across two reads is still found: keep this many bytes of overlap.
 HEADER_OVERLAP = 128
 
@@ -99,14 +88,13 @@ def secret_by_name(rel: str) -> str | None:
 
 
 def secret_by_content(chunk: bytes) -> str | None:
-    """What secret `chunk` holds (a private-key header or a token's shape), else None."""
-    match = PRIVATE_KEY_HEADER.search(chunk)
-    if match is not None:
-        return f"a file holding a private key ({match.group(1).decode()})"
-    for pattern, what in TOKENS:
-        if pattern.search(chunk):
-            return f"a file holding {what}"
-    return None
+    """What secret `chunk` holds (a private-key header or a token's shape: secret_shapes.py),
+    else None."""
+    found = find(chunk)
+    if found is None:
+        return None
+    shape, match = found
+    return f"a file holding {shape.detail(match)}"
 
 
 def refusal(rel: str, what: str) -> str:
