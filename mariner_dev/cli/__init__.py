@@ -83,12 +83,14 @@ def _typer_command(app):
 
 def _with_verbose(group):
     """`-v/--verbose` on every command, not only before it (`mariner status -v`); exec and
-    shell keep their own -v (which also says which path served the call)."""
+    shell keep their own -v (which also says which path served the call). Each command's
+    callback also reports an interruption in one line (_interrupt_is_one_line)."""
     from typer.core import TyperOption
 
     from .app import set_verbose
 
     for command in group.commands.values():
+        command.callback = _interrupt_is_one_line(command.callback)
         if any("-v" in param.opts for param in command.params):
             continue
         command.params.append(TyperOption(
@@ -96,6 +98,27 @@ def _with_verbose(group):
             help="Show host commands and more detail (-vv: debug).",
             callback=lambda ctx, param, value: set_verbose(value) if value else None))
     return group
+
+
+def _interrupt_is_one_line(callback):
+    """A Ctrl-C (or SIGTERM, where a command turns it into one) that leaves a command's own
+    handling ends in one line and 128 + the signal, as everywhere else: typer alone exits 130
+    without a word."""
+    import functools
+
+    @functools.wraps(callback)
+    def run(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            import signal
+
+            from .interrupt import Interrupted, Terminated
+
+            signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+            word = "terminated" if signum == signal.SIGTERM else "interrupted"
+            raise Interrupted(word, exit_code=128 + signum) from None
+    return run
 
 
 def _json_requested(argv: list[str]) -> bool:

@@ -32,20 +32,26 @@ def up(
     from .progress import PhaseDisplay
 
     ctx = context(project, json_output)
-    try:
-        cfg = ctx.load()
-        with interruptible("`mariner up` again completes the VM"), \
-                PhaseDisplay(ctx.err, enabled=True) as progress:
-            # Only a person at a terminal is asked; --json and scripts are refused (exit 2).
-            confirm = (None if json_output or not at_terminal()
-                       else lambda review: progress.paused(lambda: ask_approval(ctx, review)))
-            result = lifecycle.up(cfg, timeout=timeout, restart=not no_restart,
-                                  wait_lock=not fail_if_locked, progress=progress,
-                                  confirm=confirm)
-    except lifecycle.HookFailed as exc:
-        if json_output:  # the failure document also says where the running VM is
-            emit_error(exc, **exc.result.to_json())
-        raise
+    # Everything up to the last line printed: a Ctrl-C while the result is shown (the first
+    # print imports rich) still ends in one line that says what to do.
+    with interruptible("`mariner up` again completes the VM"):
+        try:
+            cfg = ctx.load()
+            with PhaseDisplay(ctx.err, enabled=True) as progress:
+                # Only a person at a terminal is asked; --json and scripts are refused (exit 2).
+                confirm = (None if json_output or not at_terminal()
+                           else lambda review: progress.paused(lambda: ask_approval(ctx, review)))
+                result = lifecycle.up(cfg, timeout=timeout, restart=not no_restart,
+                                      wait_lock=not fail_if_locked, progress=progress,
+                                      confirm=confirm)
+        except lifecycle.HookFailed as exc:
+            if json_output:  # the failure document also says where the running VM is
+                emit_error(exc, **exc.result.to_json())
+            raise
+        _show(ctx, result, json_output)
+
+
+def _show(ctx, result, json_output: bool) -> None:
     if json_output:
         ctx.emit_json(result.to_json())
         return

@@ -54,3 +54,35 @@ def test_status_of_a_vm_that_is_not_running_says_what_to_do(run_cli, project, fa
     code, out, err = run_cli("status", cwd=project)
     assert code == 0 and "state:    absent" in out
     assert "next:     `mariner up` creates and starts it" in out
+
+
+def test_a_ctrl_c_outside_a_commands_own_handling_is_one_line_and_130(run_cli, project,
+                                                                       monkeypatch):
+    """typer turns a KeyboardInterrupt that leaves a command into exit 130 without a word."""
+    from mariner_dev import lifecycle
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lifecycle, "status", interrupted)
+    code, out, err = run_cli("status", cwd=project)
+    assert (code, out) == (130, "")
+    assert err.splitlines() == ["mariner: error: interrupted"], err
+
+
+def test_a_ctrl_c_while_up_shows_its_result_says_what_to_do(run_cli, project, monkeypatch):
+    """The VM is up, the result is being printed (the first print imports rich): the one line
+    still names the next step."""
+    from mariner_dev import lifecycle
+    from mariner_dev.cli import cmd_up
+
+    monkeypatch.setattr(lifecycle, "up", lambda cfg, **kwargs: object())
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cmd_up, "_show", interrupted)
+    code, out, err = run_cli("up", cwd=project)
+    assert code == 130
+    assert err.splitlines()[-1] == ("mariner: error: interrupted; `mariner up` again completes "
+                                    "the VM"), err
