@@ -67,3 +67,18 @@ def test_a_hook_written_by_the_guest_is_reported_after_that_exec_once(repo_proje
         == [".githooks/post-checkout was changed"], after.stderr
     quiet = run_mariner("exec", "--", "true", cwd=repo_project.dir, env=env)
     assert _tripwire_lines(quiet.stderr) == []
+
+
+@pytest.mark.parametrize("agent", ["require", "off"])
+def test_shell_reports_a_hook_the_guest_wrote_once_after_it_returns(repo_project, agent):
+    """`mariner shell` (a PTY session) reports as exec does, after the session ended."""
+    env = {"MARINER_AGENT": agent}
+    first = run_mariner("shell", "--", WRITE_HOOK, cwd=repo_project.dir, env=env)
+    assert first.returncode == 0, first.stderr
+    assert b"written" in first.stdout
+    lines = _tripwire_lines(first.stderr)
+    assert len(lines) == 1 and ".git/hooks/pre-commit is new and executable" in lines[0], \
+        first.stderr
+    assert first.stderr.decode().rstrip().splitlines()[-1] == lines[0]
+    again = run_mariner("shell", "--", "true", cwd=repo_project.dir, env=env)
+    assert again.returncode == 0 and _tripwire_lines(again.stderr) == [], again.stderr
