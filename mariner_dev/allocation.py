@@ -145,11 +145,15 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def stale_claim(record: VmRecord) -> bool:
+def stale_claim(record: VmRecord, host_dir: Path | None = None) -> bool:
     """A registry record whose project directory is gone and whose VM does not exist on the
-    host: nothing holds the name any more, so it is released when another project wants it."""
+    host (in the backend's directory of VMs `host_dir`, nor in the microvm state directory):
+    nothing holds the name any more, so it is released when another project wants it. A VM
+    that still exists keeps its name: a project that merely names it must not take it over
+    with its disk."""
+    homes = {paths.microvms_dir(), *([host_dir] if host_dir is not None else [])}
     return (not os.path.isdir(record.project)
-            and not os.path.lexists(paths.microvms_dir() / record.name))
+            and not any(os.path.lexists(home / record.name) for home in homes))
 
 
 def check_ownership(cfg: ProjectConfig, record: VmRecord | None, *, verb: str = "update",
@@ -170,7 +174,7 @@ def check_claim(name: str, record: VmRecord | None, *, project_dir: Path | None,
     where = f" in {config_file}" if config_file else ""
     if record is not None:
         if project_dir is not None and Path(record.project) != project_dir:
-            if stale_claim(record):
+            if stale_claim(record, host_dir):
                 return None
             raise OwnershipError(
                 f"VM {name!r} belongs to the project {record.project}; set a different "

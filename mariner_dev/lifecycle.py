@@ -483,7 +483,7 @@ def destroy_vm(name: str, *, project_dir: Path | None = None, config_file: Path 
     registry = Registry()
     with VmLock(name, wait=False, progress=progress):
         record = check_claim(name, registry.get(name), project_dir=project_dir,
-                             config_file=config_file, verb="destroy")
+                             config_file=config_file, verb="destroy", host_dir=backend.vms_dir)
         if record is None:
             return DestroyResult(name=name, removed=False)
         result = DestroyResult(name=name, removed=True)

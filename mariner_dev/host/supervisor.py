@@ -162,11 +162,21 @@ class Supervisor:
         current = os.path.join(self.state, "current")
         runner = os.path.realpath(current)
         booted = os.path.join(self.state, "booted")
+        target = os.readlink(current)
         try:
-            os.unlink(booted)
-        except FileNotFoundError:
-            pass
-        os.symlink(os.readlink(current), booted)
+            same = os.readlink(booted) == target
+        except OSError:
+            same = False
+        if not same:
+            # Replaced atomically, never missing for a moment: `booted` is a GC root (the
+            # backend registered it), and Nix drops a root whose link it finds gone.
+            tmp = f"{booted}.new-{os.getpid()}"
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            os.symlink(target, tmp)
+            os.replace(tmp, booted)
         self.say(f"starting VM {self.name} from {runner}")
         virtiofsd = None
         try:

@@ -136,8 +136,6 @@ class RunnerHost(HostBackend):
     # -- running --------------------------------------------------------------------------
 
     def start(self, name: str) -> None:
-        import sys
-
         directory = self.vm_dir(name)
         if not (directory / "current" / "bin" / "microvm-run").exists():
             raise HostError(f"VM {name} has not been built ({directory / 'current'} is missing)",
@@ -149,6 +147,22 @@ class RunnerHost(HostBackend):
         except FileNotFoundError:
             pass
         self._root_booted(directory)
+        try:
+            self._spawn_supervisor(name, directory)
+        except BaseException:
+            # No VM runs from `booted`: its GC root must not pin that runner in the store.
+            record = supervisor.read_record(str(directory))
+            if not supervisor.alive(record.get("pid"), record.get("start")):
+                try:
+                    os.unlink(directory / "booted")
+                except FileNotFoundError:
+                    pass
+            raise
+        self._check_vsock_cid(name, directory)
+
+    def _spawn_supervisor(self, name: str, directory: Path) -> None:
+        import sys
+
         before = supervisor.read_record(str(directory))
         log = os.open(directory / supervisor.SUPERVISOR_LOG,
                       os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -165,12 +179,11 @@ class RunnerHost(HostBackend):
         while True:  # until the detached supervisor has recorded itself
             record = supervisor.read_record(str(directory))
             if record.get("pid") and record.get("pid") != before.get("pid"):
-                break
+                return
             if time.monotonic() > deadline:
                 raise HostError(f"the supervisor of VM {name} did not report within "
                                 f"{START_TIMEOUT:g} s; see {directory / supervisor.SUPERVISOR_LOG}")
             time.sleep(0.02)
-        self._check_vsock_cid(name, directory)
 
     def _root_booted(self, directory: Path) -> None:
         """`booted`, pointing at the runner `current` names, registered as a GC root before the

@@ -159,8 +159,8 @@ def nix_store_main(argv: list[str]) -> int:
     if not os.path.isabs(link):
         raise Refused(f"fakehost: mariner passes an absolute root, not {link!r}")
     _out_link(Path(link), path)
-    with open(Path(store) / ".gcroots", "a") as fh:
-        fh.write(link + "\n")
+    with open(Path(store) / ".gcroots", "a") as fh:     # the root, and its link's inode
+        fh.write(f"{link} {os.lstat(link).st_ino}\n")
     print(link)
     return 0
 

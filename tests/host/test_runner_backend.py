@@ -206,6 +206,11 @@ def test_start_runs_virtiofsd_first_then_qemu_in_the_state_dir_and_stop_is_clean
                             "--add-root", str(directory / "booted"), "--indirect"]
     assert root["time"] < virtiofsd["time"]
     assert os.readlink(directory / "booted") == os.readlink(directory / "current")
+    # ... and the supervisor left that link in place (a root whose link goes missing for a
+    # moment is dropped by a garbage collection that sees it)
+    store = Path(os.environ["MARINER_FAKE_NIX_STORE"])
+    link, inode = (store / ".gcroots").read_text().split()
+    assert (link, int(inode)) == (str(directory / "booted"), (directory / "booted").lstat().st_ino)
     host.start(name)  # already running: nothing happens
     assert len(_records(vm["fakehost"], "microvm-run")) == 1
     host.stop(name)
@@ -225,6 +230,20 @@ def test_start_runs_virtiofsd_first_then_qemu_in_the_state_dir_and_stop_is_clean
     wait_for(lambda: port_open(port), 20, "the guest's sshd after a restart")
     assert len(_records(vm["fakehost"], "virtiofsd-run")) == 2
     host.stop(name)
+
+
+def test_a_start_whose_supervisor_fails_leaves_no_gc_root(vm, monkeypatch):
+    host, name = vm["backend"], vm["name"]
+    host.create(name, vm["flake"])
+
+    def fails(self, name, directory):
+        raise HostError(f"the supervisor of VM {name} did not start (exit status 1)")
+
+    monkeypatch.setattr(RunnerHost, "_spawn_supervisor", fails)
+    with pytest.raises(HostError, match="did not start"):
+        host.start(name)
+    assert not os.path.lexists(state_root() / name / "booted")
+    assert host.status(name).booted is None
 
 
 def test_a_guest_that_ignores_the_power_button_is_terminated_after_the_timeout(vm, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -385,3 +386,24 @@ def test_a_noop_up_applies_a_changed_forward_list(project):
     status = project.status_json()
     assert [(f["forward"], f["state"]) for f in status["forwards"]] == [(str(second), "listening")]
     assert not status.get("notes")
+
+
+def test_a_vm_that_still_exists_keeps_its_name_when_its_project_is_gone(project):
+    """Only a claim with neither its project nor its VM left is released: a project that merely
+    names an existing VM (a cloned repository's mariner.toml) must not take it over, disk and
+    all, on either backend."""
+    from support.approval import approve_host_settings
+
+    project.up_json()
+    config = project.config.read_text()
+    project.mariner("down", check=0)
+    shutil.rmtree(project.dir)
+    other = project.dir.parent / "other"
+    other.mkdir()
+    (other / "mariner.toml").write_text(config)
+    approve_host_settings(other)
+    proc = subprocess.run(project.argv("up"), cwd=other, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"VM {project.name!r} belongs to the project {project.dir}" in proc.stderr
+    assert project.vm_dir.is_dir()
