@@ -463,7 +463,13 @@ class Agent:
                 # are reused at once by other clients' sockets and stdio.
                 if not proc.done.done():
                     proc.abandon()
-                await proc.release()
+                if asyncio.current_task().cancelling():
+                    # The agent is stopping: no waiting for a writer whose reader may never
+                    # read again; the release closes the fds once its threads have ended.
+                    proc.close_when_released(list(fds))
+                    fds.clear()
+                else:
+                    await proc.release()
             # Our copies of the client's stdio must close before it learns the status, so
             # that a pipe reader behind its stdout sees EOF when the client exits.
             _close_all(fds)

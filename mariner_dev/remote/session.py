@@ -403,7 +403,10 @@ class RemoteProcess:
         self._pump: _StdinPump | None = None
         self._pump_waiting = False
         self._early_signals: list[str] = []
-        self._released = False
+        self._joined: asyncio.Future | None = None     # set when release() has joined
+        self._join_lock = threading.Lock()
+        self._threads_done = False
+        self._close_after: list[int] = []
         out_fd, err_fd = fds[1], fds[2]
         self._out = _Writer(out_fd, self._on_low_threadsafe, self._on_broken_threadsafe)
         self._err = self._out if err_fd == out_fd else _Writer(
@@ -536,10 +539,15 @@ class RemoteProcess:
     async def release(self) -> None:
         """Stop and join every thread that uses the local fds, so that the caller may close
         them: the agent's fd numbers are reused at once by other clients' sockets and stdio.
-        Everything received is written out first. Safe to call more than once."""
-        if self._released:
-            return
-        self._released = True
+        Everything received is written out first. Safe to call more than once: every call
+        waits for the same join. A caller that must not wait (it is being cancelled) hands
+        the fds to close_when_released() instead of closing them itself."""
+        await asyncio.shield(self._begin_release())
+
+    def _begin_release(self) -> asyncio.Future:
+        """Start the release (once): the future of its join."""
+        if self._joined is not None:
+            return self._joined
         if self._pump is not None:
             self._pump.stop()
         self._out.close()
@@ -547,12 +555,16 @@ class RemoteProcess:
         # A thread of its own, not the loop's shared executor: a writer may wait as long as
         # the client's reader does (`exec ... | less`, left open), and a few such commands
         # must not hold every worker that the other commands' releases wait for.
-        joined = self.loop.create_future()
+        joined = self._joined = self.loop.create_future()
 
         def join() -> None:
             try:
                 self._join_threads()
             finally:
+                with self._join_lock:
+                    self._threads_done = True
+                    late, self._close_after = self._close_after, []
+                _close_fds(late)
                 try:
                     self.loop.call_soon_threadsafe(
                         lambda: joined.done() or joined.set_result(None))
@@ -560,7 +572,17 @@ class RemoteProcess:
                     pass
 
         threading.Thread(target=join, name="mariner-release", daemon=True).start()
-        await asyncio.shield(joined)
+        return joined
+
+    def close_when_released(self, fds: list[int]) -> None:
+        """Release without waiting, and close `fds` once no thread uses them any more: now if
+        the threads have ended, else on the release's thread right after they do."""
+        self._begin_release()
+        with self._join_lock:
+            if not self._threads_done:
+                self._close_after.extend(fds)
+                return
+        _close_fds(fds)
 
     def _join_threads(self) -> None:
         for thread in (self._out, self._err, self._pump):
@@ -568,6 +590,14 @@ class RemoteProcess:
                 thread.join()
         if self._pump is not None:
             self._pump.close()
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 async def run_on(conn, request: ExecRequest, fds, name: str, on_started=None) -> Outcome:

@@ -363,3 +363,84 @@ def test_clients_that_stop_reading_do_not_stall_the_others(project, tmp_path):
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def test_a_release_that_is_not_waited_for_closes_the_fds_only_after_its_writers_end():
+    """A stopping agent cannot wait for a writer whose reader may never read again, nor close
+    the client's fds under it (the number would be reused while the thread still writes):
+    close_when_released() leaves the closing to the release, after the writer ended."""
+    from mariner_dev.remote.command import ExecRequest
+
+    async def scenario():
+        read_end, write_end = os.pipe()
+        proc = session.RemoteProcess(None, ExecRequest("true", tty=False, stdin=False),
+                                     (None, write_end, write_end), "x")
+        proc._out.start()
+        proc._out.put(b"y" * (1 << 20))       # far more than a pipe holds: the writer blocks
+        await asyncio.sleep(0.2)
+        pipe = os.fstat(write_end).st_ino
+        proc.close_when_released([write_end])
+        await asyncio.sleep(0.3)
+        assert os.fstat(write_end).st_ino == pipe   # still open: its writer is still writing
+        drained = 0
+        os.set_blocking(read_end, False)
+        deadline = time.monotonic() + 10
+        while drained < (1 << 20) and time.monotonic() < deadline:
+            try:
+                drained += len(os.read(read_end, 1 << 16))
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+        await asyncio.wait_for(asyncio.shield(proc._joined), 10)
+        try:                                    # closed by the release, once, afterwards
+            assert os.fstat(write_end).st_ino != pipe
+        except OSError:
+            pass
+        os.close(read_end)
+        return drained
+
+    assert asyncio.run(scenario()) == 1 << 20
+
+
+def test_the_agent_stopped_mid_command_while_a_client_does_not_read(project):
+    """SIGTERM (what `down` sends) with one command running and another whose output nobody
+    reads: the agent exits at once (it does not wait for that reader), and the running
+    command's client ends with one line."""
+    import signal
+    import subprocess
+
+    from support.fixtures import REPO, mariner_cmd
+
+    assert run_mariner("exec", "--", "true", cwd=project.dir,
+                       env={"MARINER_AGENT": "require"}).returncode == 0
+    agent = client.agent_pid(project.name)
+    env = dict(os.environ, MARINER_AGENT="require", PYTHONPATH=str(REPO))
+    read_end, write_end = os.pipe()
+    stalled = subprocess.Popen(mariner_cmd() + ["exec", "--", "head", "-c", "2000000",
+                                                "/dev/zero"],
+                               cwd=project.dir, env=env, stdin=subprocess.DEVNULL,
+                               stdout=write_end, stderr=subprocess.DEVNULL)
+    os.close(write_end)
+    running = subprocess.Popen(mariner_cmd() + ["exec", "--", "sh", "-c",
+                                                "echo started; sleep 60"],
+                               cwd=project.dir, env=env, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert running.stdout.readline() == b"started\n"
+        time.sleep(0.5)
+        os.kill(agent, signal.SIGTERM)
+        stopped = time.monotonic()
+        out, err = running.communicate(timeout=15)
+        deadline = time.monotonic() + 10
+        while client.agent_pid(project.name) == agent and time.monotonic() < deadline:
+            time.sleep(0.05)
+        took = time.monotonic() - stopped
+        assert client.agent_pid(project.name) != agent, "the agent did not exit"
+    finally:
+        running.kill()
+        os.close(read_end)
+        try:
+            stalled.wait(15)
+        except subprocess.TimeoutExpired:
+            stalled.kill()
+    assert running.returncode == 125 and took < 8, (running.returncode, took, err)
+    assert len(err.decode().strip().splitlines()) == 1, err
