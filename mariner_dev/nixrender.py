@@ -476,8 +476,12 @@ def _write_flake(rendered: RenderedFlake, directory: Path,
     if directory.is_dir() and _same_content(directory, rendered):
         return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.new-"))
+    # Our own names (this pid), so that whatever an interruption leaves half-made, even inside
+    # mkdtemp between its mkdir and its return, is found and undone below.
+    new_prefix = f".{directory.name}.new-{os.getpid()}-"
+    old_prefix = f".{directory.name}.old-{os.getpid()}-"
     try:
+        staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=new_prefix))
         for rel, data in rendered.files.items():
             target = staging / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -487,7 +491,7 @@ def _write_flake(rendered: RenderedFlake, directory: Path,
         os.chmod(staging, 0o755)
         old = None
         if directory.exists():
-            old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
+            old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=old_prefix))
             os.rmdir(old)
             os.rename(directory, old)
             refused = may_replace(old) if may_replace is not None else None
@@ -498,9 +502,24 @@ def _write_flake(rendered: RenderedFlake, directory: Path,
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        _undo_partial_write(directory, new_prefix, old_prefix)
         raise
     return directory
+
+
+def _undo_partial_write(directory: Path, new_prefix: str, old_prefix: str) -> None:
+    """After an interrupted or failed write: the previous flake back in place if it was moved
+    aside and not replaced, and no staging or old copy of ours left behind."""
+    for old in sorted(directory.parent.glob(old_prefix + "*")):
+        if not os.path.lexists(directory):
+            try:
+                os.rename(old, directory)
+                continue
+            except OSError:
+                pass
+        shutil.rmtree(old, ignore_errors=True)
+    for staging in directory.parent.glob(new_prefix + "*"):
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _keep_lock(directory: Path, staging: Path) -> None:

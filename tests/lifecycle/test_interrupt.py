@@ -211,8 +211,9 @@ def test_dotfiles(project):
     name = f".mariner-interrupt-{uuid.uuid4().hex[:8]}"
     source = Path(os.environ["HOME"]) / name
     source.mkdir()
-    for i in range(400):
-        (source / f"f{i:03}").write_text(f"{i}\n")
+    count = 3000     # enough that the sync is still under way when it is seen to have begun
+    for i in range(count):
+        (source / f"f{i:04}").write_text(f"{i}\n")
     user_config = Path(os.environ["XDG_CONFIG_HOME"]) / "mariner" / "config.toml"
     user_config.parent.mkdir(parents=True, exist_ok=True)
     user_config.write_text(f'[dotfiles]\nfiles = ["~/{name}"]\n')
@@ -220,7 +221,10 @@ def test_dotfiles(project):
     try:
         up = Up(project)
         up.wait_until(lambda: "syncing dotfiles" in up.stderr, "the dotfiles sync")
-        time.sleep(0.2)
+        # Under way: some files are in the guest (a fixed sleep lost the race on a fast sync)
+        up.wait_until(lambda: guest_copy.is_dir() and any(guest_copy.iterdir()),
+                      "the first synced file", poll=0.002)
+        assert len(list(guest_copy.iterdir())) < count, "the sync ended before the interrupt"
         up.interrupt(signal.SIGINT)
         _completes(project)
         assert sorted(p.name for p in guest_copy.iterdir()) == sorted(
