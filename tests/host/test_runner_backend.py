@@ -150,6 +150,15 @@ def vm(fakehost, tmp_path, monkeypatch):
             "fakehost": fakehost}
 
 
+def _booted(vm):
+    """Create and start the VM and wait for its guest's sshd: (backend, name, port)."""
+    host, name, port = vm["backend"], vm["name"], vm["port"]
+    host.create(name, vm["flake"])
+    host.start(name)
+    wait_for(lambda: port_open(port), 20, "the guest's sshd")
+    return host, name, port
+
+
 def _records(fakehost, prog):
     return [r for r in fakehost.records() if r["prog"] == prog]
 
@@ -184,10 +193,7 @@ def test_a_failed_first_build_leaves_no_vm_and_names_the_key(vm, monkeypatch):
 
 
 def test_start_runs_virtiofsd_first_then_qemu_in_the_state_dir_and_stop_is_clean(vm):
-    host, name, port = vm["backend"], vm["name"], vm["port"]
-    host.create(name, vm["flake"])
-    host.start(name)
-    wait_for(lambda: port_open(port), 20, "the guest's sshd")
+    host, name, port = _booted(vm)
     directory = state_root() / name
     status = host.status(name)
     assert status.running and status.booted == status.current and status.uptime is not None
@@ -248,10 +254,7 @@ def test_a_start_whose_supervisor_fails_leaves_no_gc_root(vm, monkeypatch):
 
 def test_a_guest_that_ignores_the_power_button_is_terminated_after_the_timeout(vm, monkeypatch):
     monkeypatch.setenv("MARINER_FAKE_IGNORE_POWER_BUTTON", "1")
-    host, name, port = vm["backend"], vm["name"], vm["port"]
-    host.create(name, vm["flake"])
-    host.start(name)
-    wait_for(lambda: port_open(port), 20, "the guest's sshd")
+    host, name, port = _booted(vm)
     started = time.monotonic()
     host.stop(name, timeout=4)
     assert time.monotonic() - started < 25
@@ -261,10 +264,7 @@ def test_a_guest_that_ignores_the_power_button_is_terminated_after_the_timeout(v
 
 
 def test_a_crash_is_failed_with_the_console_tail_and_start_recovers(vm):
-    host, name, port = vm["backend"], vm["name"], vm["port"]
-    host.create(name, vm["flake"])
-    host.start(name)
-    wait_for(lambda: port_open(port), 20, "the guest's sshd")
+    host, name, port = _booted(vm)
     record = supervisor.read_record(str(state_root() / name))
     os.kill(record["qemu_pid"], signal.SIGKILL)
     wait_for(lambda: host.status(name).unit == "failed", 20, "the crash to be recorded")
@@ -320,10 +320,7 @@ def test_virtiofsd_that_cannot_start_fails_the_vm_before_qemu_runs(vm, tmp_path)
 
 
 def test_destroy_removes_the_state_dir_and_stops_first(vm):
-    host, name, port = vm["backend"], vm["name"], vm["port"]
-    host.create(name, vm["flake"])
-    host.start(name)
-    wait_for(lambda: port_open(port), 20, "the guest's sshd")
+    host, name, port = _booted(vm)
     host.destroy(name)
     assert not (state_root() / name).exists()
     assert not port_open(port)
@@ -332,10 +329,7 @@ def test_destroy_removes_the_state_dir_and_stops_first(vm):
 
 
 def test_no_sudo_and_no_microvm_or_systemctl(vm):
-    host, name, port = vm["backend"], vm["name"], vm["port"]
-    host.create(name, vm["flake"])
-    host.start(name)
-    wait_for(lambda: port_open(port), 20, "the guest's sshd")
+    host, name, port = _booted(vm)
     host.stop(name)
     progs = {r["prog"] for r in vm["fakehost"].records()}
     assert progs == {"nix", "nix-store", "virtiofsd-run", "microvm-run", "microvm-shutdown"}

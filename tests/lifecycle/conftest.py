@@ -113,11 +113,17 @@ class Project:
         """The command line of `mariner ARGS` as the developer: this interpreter, or in
         runner mode as root the unprivileged account (its files handed back to it first)."""
         if self.account is not None:
+            self.hand_back()
+            return [*self.python, "-m", "mariner_dev", *args]
+        return [sys.executable, "-m", "mariner_dev", *args]
+
+    def hand_back(self) -> None:
+        """Runner mode as root: what the test wrote as root under the account's directory
+        becomes the account's again (a no-op otherwise)."""
+        if self.account is not None:
             from support import unprivileged
 
             unprivileged.give_to(self.account, self.owned)
-            return [*self.python, "-m", "mariner_dev", *args]
-        return [sys.executable, "-m", "mariner_dev", *args]
 
     def up_json(self, *args: str, check: int | None = 0, env: dict | None = None) -> dict:
         proc = self.mariner("up", "--json", *args, check=check, env=env)

@@ -186,11 +186,16 @@ def test_wait_for_ssh(project):
 def test_pin(project):
     """The guest's sshd just answered: the handshake that pins its key is under way (or
     about to be): stopped there, the VM runs with no key pinned."""
+    interrupted_at_the_pin(project, signal.SIGTERM)
+
+
+def interrupted_at_the_pin(project, sig: int) -> None:
+    """`up` stopped the moment the guest's sshd answers; the next `up` pins and completes."""
     up = Up(project, {"MARINER_FAKE_BOOT_DELAY": "1"})
     up.wait_until(lambda: "waiting for SSH" in up.stderr, "the wait for SSH")
     port = _registry()[project.name]["ssh_port"]
     up.wait_until(lambda: port_open(port), "the guest's sshd", poll=0.005)
-    up.interrupt(signal.SIGTERM)
+    up.interrupt(sig)
     _completes(project)
 
 

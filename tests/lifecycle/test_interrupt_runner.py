@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
-from support.fakehost import port_open
-from test_interrupt import (Up, _completes, _registry, interrupted_in_a_hook,
+from test_interrupt import (Up, _completes, interrupted_at_the_pin, interrupted_in_a_hook,
                             interrupted_waiting_for_the_allocation_lock)
 
 
@@ -28,7 +26,7 @@ def test_allocation(project):
     (another `mariner up` of theirs holds it)."""
     vms = Path(os.environ["XDG_DATA_HOME"]) / "mariner" / "vms"
     vms.mkdir(parents=True, exist_ok=True)
-    project.argv()              # (hands the directory to the developer's account, if any)
+    project.hand_back()         # the directory is the developer's, as mariner made it
     interrupted_waiting_for_the_allocation_lock(project, vms)
 
 
@@ -42,12 +40,7 @@ def test_start_waiting_for_the_guest(project):
 
 
 def test_pin(project):
-    up = Up(project, {"MARINER_FAKE_BOOT_DELAY": "1"})
-    up.wait_until(lambda: "waiting for SSH" in up.stderr, "the wait for SSH")
-    port = _registry()[project.name]["ssh_port"]
-    up.wait_until(lambda: port_open(port), "the guest's sshd", poll=0.005)
-    up.interrupt(signal.SIGINT)
-    _completes(project)
+    interrupted_at_the_pin(project, signal.SIGINT)
 
 
 @pytest.mark.parametrize("hook,sig", [("post_create", signal.SIGINT),
